@@ -1,0 +1,112 @@
+"""The Stage 2 checkpoint format (SPEC 6) and its safe loading.
+
+A `.pt` file is a plain dict: {"stage2_checkpoint": FORMAT_VERSION, "model_config": {...},
+"state_dict": {...}, "stage2_version": "..."}. Everything is loaded with
+`torch.load(weights_only=True)`, which refuses any pickle that would run code. Lightning `.ckpt`
+files written by `stage2.train` carry the same marker and config in `hyper_parameters`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MARKER = "stage2_checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be used; the message names the file and says what to do."""
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write model config, weights and the Stage 2 marker to `path` (atomically)."""
+    from . import __version__
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError("save_checkpoint expects a Stage2Refiner (a module with a .config dict)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        MARKER: FORMAT_VERSION,
+        "stage2_version": __version__,
+        "model_config": dict(config),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path (checkpoint=...)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file: point checkpoint= at a .pt or .ckpt file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"checkpoint {path} is not readable: check its permissions")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} is not a safe Stage 2 checkpoint: it holds objects that loading with "
+            f"weights_only=True refuses (the file was NOT executed; {str(e).splitlines()[0][:160]}). "
+            "Re-save it with stage2.save_checkpoint") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'empty'}): "
+            "it is damaged or not a PyTorch file; copy it again or re-save it with stage2.save_checkpoint") from None
+
+
+def _unpack(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(model_config, state_dict) from a Stage 2 .pt or a stage2.train Lightning .ckpt."""
+    if isinstance(raw, dict) and raw.get(MARKER) is not None and "state_dict" in raw:
+        if raw.get(MARKER) != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path} has Stage 2 format {raw.get(MARKER)!r}, this stage2 "
+                                  f"reads format {FORMAT_VERSION}: upgrade stage2")
+        return dict(raw["model_config"]), raw["state_dict"]
+    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if isinstance(hp, dict) and hp.get(MARKER) is not None and isinstance(raw.get("state_dict"), dict):
+        prefix = "model."
+        state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
+        return dict(hp["model_config"]), state
+    keys = sorted(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
+    raise CheckpointError(f"checkpoint {path} is not a Stage 2 checkpoint (no '{MARKER}' marker; found {keys}): "
+                          "it may be a Stage 1 or Stage 3 model; pass the Stage 2 refiner checkpoint")
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Open and verify a checkpoint without building the model; return its model config."""
+    path = Path(path)
+    config, state = _unpack(_read(path), path)
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"checkpoint {path} holds no weights: re-save it with stage2.save_checkpoint")
+    return config
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the architecture recorded in the checkpoint, load its weights, eval mode, on `device`."""
+    from .model import Stage2Refiner, model_config
+
+    path = Path(path)
+    config, state = _unpack(_read(path), path)
+    try:
+        model = Stage2Refiner(**model_config(config))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} describes a model that cannot be built ({e}): "
+                              "it was written by another stage2 version or edited") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = "; ".join(str(e).splitlines()[1:3]).strip()[:300]
+        raise CheckpointError(f"checkpoint {path} weights do not match its architecture "
+                              f"{config.get('name')!r} ({first}): the file is corrupt or edited") from None
+    return model.to(device).eval()

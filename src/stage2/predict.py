@@ -1,0 +1,205 @@
+"""`python -m stage2.predict checkpoint=... input_dir=... output_dir=...`: the Hydra entry point.
+
+Order matters for users: check paths, find tiles, return at once if every tile is done (no torch,
+no terratorch, no checkpoint load), then verify the checkpoint before any tile is read, then run
+Lightning. Heavy imports happen only after the fast path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .summary import RunSummary
+from .tiles import discover, is_done, remove_stale_temporaries, tile_name
+
+log = logging.getLogger("stage2")
+
+
+class RunError(Exception):
+    """A run-level problem: one line naming the path and what to do; exit code 2, nothing written."""
+
+
+def _aoi_dir(data_root: str, kind: str, aoi: str | None) -> str | None:
+    return None if aoi in (None, "", "None") else str(Path(data_root) / kind / str(aoi))
+
+
+OmegaConf.register_new_resolver("stage2_aoi_dir", _aoi_dir, replace=True)
+
+
+# ---------------------------------------------------------------------------- decisions
+def resolve_precision(value: Any, on_gpu: bool, profile_amp: str) -> str:
+    """Map the user's `precision` onto a Lightning precision string (SPEC 4)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        if not on_gpu:
+            return "32-true"
+        if profile_amp.startswith("bf16"):
+            import torch
+            if not torch.cuda.is_bf16_supported():
+                return "16-mixed"
+        return profile_amp
+    return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(text, text)
+
+
+def uses_amp(precision: str) -> bool:
+    return precision in ("16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine")
+
+
+def resolve_accelerator(cfg: DictConfig) -> str:
+    """`auto`/`gpu`/`cuda`/`cpu`; a GPU profile on a machine without CUDA says so and uses the CPU."""
+    import torch
+
+    wanted = str(cfg.trainer.accelerator).lower()
+    if wanted in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RunError(f"trainer.accelerator={wanted} was asked for, but CUDA is not available on this machine: "
+                       "use hardware=cpu (or trainer.accelerator=cpu)")
+    if wanted == "auto":
+        if torch.cuda.is_available():
+            return "gpu"
+        log.warning("CUDA is not available: hardware=%s runs on the CPU in fp32", _profile_name())
+        return "cpu"
+    return wanted
+
+
+def _profile_name() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return str(HydraConfig.get().runtime.choices.get("hardware", "?"))
+    except Exception:
+        return "(profile)"
+
+
+# ---------------------------------------------------------------------------- the run
+def plan(cfg: DictConfig) -> tuple[Path, Path, list[Path], list[Path], int]:
+    """Check run-level inputs; return input_dir, output_dir, tiles to do, ignored entries, done count."""
+    if cfg.input_dir is None:
+        raise RunError("input_dir is not set: pass input_dir=DIR (or aoi=NAME with data_root=DIR)")
+    if cfg.output_dir is None:
+        raise RunError("output_dir is not set: pass output_dir=DIR (or aoi=NAME with data_root=DIR)")
+    input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
+    ckpt = Path(cfg.checkpoint).expanduser()
+    if not ckpt.is_file():
+        what = "does not exist" if not ckpt.exists() else "is not a file"
+        raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
+    if not input_dir.is_dir():
+        what = "does not exist" if not input_dir.exists() else "is not a directory"
+        raise RunError(f"input_dir {input_dir} {what}: point input_dir at the folder of Stage 1 tiles")
+    files, ignored = discover(input_dir, bool(cfg.recursive))
+    for p in ignored:
+        log.warning("ignored %s: named .npz but not a file", p)
+    if not files:
+        raise RunError(f"No NPZ tiles found in {input_dir}")
+    if output_dir.resolve() == input_dir.resolve():
+        raise RunError(f"output_dir {output_dir} is the input_dir: write Stage 2 outputs to another folder")
+    todo = [f for f in files if not (cfg.skip_existing and is_done(output_dir, tile_name(f, input_dir)))]
+    return input_dir, output_dir, todo, ignored, len(files) - len(todo)
+
+
+def run(cfg: DictConfig) -> int:
+    """One Stage 2 run; returns the exit code (0 ok, 1 some tiles failed, 2 run-level error)."""
+    t0 = time.perf_counter()
+    try:
+        return _run(cfg, t0)
+    except RunError as e:
+        if cfg.get("verbose"):
+            raise
+        print(f"stage2: error: {e}", file=sys.stderr)
+        log.error("%s", e)
+        return 2
+
+
+def _run(cfg: DictConfig, t0: float) -> int:
+    input_dir, output_dir, todo, ignored, done = plan(cfg)
+    if not todo:
+        remove_stale_temporaries(output_dir)
+        msg = f"nothing to do: {done} tiles already done in {output_dir}"
+        print(msg)
+        log.info(msg)
+        return 0
+
+    # Heavy imports only from here on.
+    import lightning as L
+    import torch
+
+    from .checkpoint import CheckpointError, load_model
+    from .data import TileDataModule
+    from .module import Stage2Module
+    from .progress import TileProgressBar
+    from .writer import TileWriter, first_failures
+
+    try:
+        model = load_model(Path(cfg.checkpoint).expanduser())
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+    accelerator = resolve_accelerator(cfg)
+    precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
+    if accelerator == "cpu" and cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+
+    dm = TileDataModule(todo, input_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        pin_memory=cfg.pin_memory, patch_size=model.patch_size)
+    processing = {
+        "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()),
+        "use_amp": uses_amp(precision),
+        "precision": precision,
+        "batch_size": int(cfg.batch_size),
+        "model": model.config["name"],
+        "stage2_version": __version__,
+    }
+    writer = TileWriter(output_dir, processing, quality=bool(cfg.quality), threads=cfg.writer_threads)
+    bar = TileProgressBar(lambda tr: dm.tiles_on_rank(tr.global_rank, tr.world_size))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.update(accelerator=accelerator, precision=precision)
+    trainer = L.Trainer(**trainer_kwargs, callbacks=[writer, bar])
+    module = Stage2Module(model, compile=bool(cfg.compile))
+    try:
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    finally:
+        writer.close()
+
+    records, failures, tiles_per_s = writer.gathered(trainer)
+    if not trainer.is_global_zero:
+        return 1 if failures else 0
+    device = str(module.device) if trainer.world_size == 1 else f"{module.device.type} x {trainer.world_size}"
+    from .summary import quality_summary
+    summary = RunSummary(
+        found=len(todo) + done, processed=len(records), skipped=done, failed=len(failures),
+        ignored=len(ignored), metadata_defaults=sum(r.defaults for r in records),
+        clipped=sum(r.clipped for r in records), cpu_fallbacks=sum(r.cpu_fallback for r in records),
+        tiles_per_s=round(tiles_per_s, 3), wall_s=round(time.perf_counter() - t0, 3), device=device,
+        precision=precision, batch_size=int(cfg.batch_size), model=model.config["name"],
+        checkpoint=processing["checkpoint"], input_dir=str(input_dir), output_dir=str(output_dir),
+        first_failures=first_failures(failures),
+        quality=quality_summary(records) if cfg.quality else None, stage2_version=__version__,
+    )
+    summary.save(output_dir)
+    text = summary.format()
+    print(text)
+    log.info("\n%s", text)
+    return summary.exit_code()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> int:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    code = run(cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return code          # the sweep callback reports every AOI and sets the exit code
+    if code:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Lightning's TQDM progress bar, counting tiles instead of batches (tiles done, tiles/s, ETA)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class TileProgressBar(TQDMProgressBar):
+    """Counts tiles on this rank; `total` is the number of tiles this rank will see."""
+
+    def __init__(self, total_tiles: Callable[[L.Trainer], int], refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._total_tiles = total_tiles
+        self._done = 0
+
+    def init_predict_tqdm(self):
+        bar = super().init_predict_tqdm()
+        bar.unit = "tile"
+        return bar
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                               batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        self._done = 0
+        self.predict_progress_bar.reset(total=self._total_tiles(trainer))
+        self.predict_progress_bar.set_description("stage2")
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._done += len(batch)
+        bar = self.predict_progress_bar
+        if bar is not None and not bar.disable:
+            bar.n = self._done
+            bar.refresh()

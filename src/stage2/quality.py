@@ -1,0 +1,61 @@
+"""Quality checks of the Stage 2 guide, computed for every tile (SPEC 7).
+
+- NDVI preservation: RMSE between the NDVI of opt_v1 and of opt_v2 (target < 0.05): refinement
+  must not change the vegetation signal Stage 3 relies on.
+- Edge preservation: Pearson correlation of the Sobel gradient magnitude of the NIR band of
+  opt_v1 and opt_v2 (target > 0.90): refinement must not blur or invent field boundaries.
+
+Pure numpy/scipy so the writer threads and the report can use it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+NDVI_RMSE_TARGET = 0.05          # ndvi_rmse below this is good
+EDGE_PRESERVATION_TARGET = 0.90  # edge_preservation above this is good
+EPS = 1e-8
+RED, NIR = 2, 3                  # band indices in [B02, B03, B04, B08]
+
+
+def ndvi(opt: np.ndarray) -> np.ndarray:
+    """(NIR - Red) / (NIR + Red) per pixel of a (4, H, W) tile; 0 where both are 0."""
+    opt = np.asarray(opt, dtype=np.float64)
+    nir, red = opt[NIR], opt[RED]
+    return (nir - red) / (nir + red + EPS)
+
+
+def ndvi_rmse(v1: np.ndarray, v2: np.ndarray) -> float:
+    """Root-mean-square difference of the two tiles' NDVI."""
+    return float(np.sqrt(np.mean((ndvi(v1) - ndvi(v2)) ** 2)))
+
+
+def sobel_magnitude(band: np.ndarray) -> np.ndarray:
+    band = np.asarray(band, dtype=np.float64)
+    return np.hypot(ndimage.sobel(band, axis=0), ndimage.sobel(band, axis=1))
+
+
+def edge_preservation(v1: np.ndarray, v2: np.ndarray) -> float | None:
+    """Pearson r of the NIR Sobel magnitudes; None where either is constant (r is undefined)."""
+    a = sobel_magnitude(np.asarray(v1)[NIR]).ravel()
+    b = sobel_magnitude(np.asarray(v2)[NIR]).ravel()
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = math.sqrt(float(a @ a) * float(b @ b))
+    if denom < 1e-12:
+        return None
+    return float(np.clip((a @ b) / denom, -1.0, 1.0))
+
+
+def tile_quality(v1: np.ndarray, v2: np.ndarray) -> dict[str, float | None]:
+    """The per-tile `quality` object of the output JSON."""
+    return {"ndvi_rmse": ndvi_rmse(v1, v2), "edge_preservation": edge_preservation(v1, v2)}
+
+
+def below_target(q: dict[str, float | None]) -> bool:
+    """True when a tile misses either target (an undefined metric does not count as missing)."""
+    r, e = q.get("ndvi_rmse"), q.get("edge_preservation")
+    return (r is not None and r >= NDVI_RMSE_TARGET) or (e is not None and e <= EDGE_PRESERVATION_TARGET)

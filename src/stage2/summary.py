@@ -1,0 +1,116 @@
+"""The run summary: counts and figures kept in one place, printed on one screen, saved as JSON.
+
+Pure Python (no torch), so the "nothing to do" path can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FILE = "_stage2_summary.json"
+FAILURES_FILE = "_stage2_failures.jsonl"
+FIRST_FAILURES = 5
+
+
+@dataclass
+class TileRecord:
+    """What the summary needs of one finished tile (kept small: a run may have 100k tiles)."""
+
+    name: str
+    defaults: bool
+    clipped: bool
+    cpu_fallback: bool
+    ndvi_rmse: float | None = None
+    edge_preservation: float | None = None
+
+
+@dataclass
+class RunSummary:
+    found: int = 0
+    processed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    ignored: int = 0
+    metadata_defaults: int = 0
+    clipped: int = 0
+    cpu_fallbacks: int = 0
+    tiles_per_s: float = 0.0
+    wall_s: float = 0.0
+    device: str = "cpu"
+    precision: str = "32-true"
+    batch_size: int = 0
+    model: str = ""
+    checkpoint: str = ""
+    input_dir: str = ""
+    output_dir: str = ""
+    first_failures: list[dict[str, str]] = field(default_factory=list)
+    quality: dict[str, Any] | None = None
+    stage2_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, output_dir: str | os.PathLike) -> Path:
+        """Atomically write `_stage2_summary.json`."""
+        path = Path(output_dir) / SUMMARY_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def format(self) -> str:
+        """The one-screen summary printed at the end of a run."""
+        lines = [
+            "stage2 summary",
+            f"  tiles        found {self.found}  processed {self.processed}  skipped {self.skipped}  "
+            f"failed {self.failed}" + (f"  ignored {self.ignored}" if self.ignored else ""),
+            f"  metadata     defaults used for {self.metadata_defaults} tiles   clipped {self.clipped} tiles",
+            f"  device       {self.device}   precision {self.precision}   batch {self.batch_size}   "
+            f"CPU fallbacks {self.cpu_fallbacks}",
+            f"  speed        {self.tiles_per_s:.2f} tiles/s (model, steady)   wall {self.wall_s:.1f} s",
+        ]
+        q = self.quality
+        if q and q.get("tiles"):
+            r, e = q["ndvi_rmse"], q["edge_preservation"]
+            lines.append(f"  quality      NDVI RMSE mean {_f(r['mean'])} worst {_f(r['worst'])} ({r['worst_tile']})")
+            lines.append(f"               edge pres. mean {_f(e['mean'])} worst {_f(e['worst'])} ({e['worst_tile']})")
+            lines.append(f"               {q['below_target']} tiles below target, {q['undefined']} undefined (flat)")
+        if self.first_failures:
+            lines.append(f"  failures     (all in {FAILURES_FILE})")
+            for f in self.first_failures:
+                lines.append(f"    {f['file']}: {f['reason']}")
+        lines.append(f"  output       {self.output_dir}")
+        return "\n".join(lines)
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def quality_summary(records: list[TileRecord]) -> dict[str, Any]:
+    """Mean and worst of both metrics with the worst tiles' names, and the count below target."""
+    from .quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, below_target
+
+    def stats(key: str, worst_is_max: bool) -> dict[str, Any]:
+        vals = [(getattr(r, key), r.name) for r in records if getattr(r, key) is not None]
+        if not vals:
+            return {"mean": None, "worst": None, "worst_tile": None}
+        worst = max(vals) if worst_is_max else min(vals)
+        return {"mean": sum(v for v, _ in vals) / len(vals), "worst": worst[0], "worst_tile": worst[1]}
+
+    return {
+        "tiles": len(records),
+        "ndvi_rmse": {**stats("ndvi_rmse", True), "target_below": NDVI_RMSE_TARGET},
+        "edge_preservation": {**stats("edge_preservation", False), "target_above": EDGE_PRESERVATION_TARGET},
+        "below_target": sum(below_target({"ndvi_rmse": r.ndvi_rmse, "edge_preservation": r.edge_preservation})
+                            for r in records),
+        "undefined": sum(r.ndvi_rmse is None or r.edge_preservation is None for r in records),
+    }

@@ -1,0 +1,161 @@
+"""The BasePredictionWriter: every file a run writes goes through here.
+
+Outputs are written by a small thread pool with a bounded queue, so the next forward pass does
+not wait for compression and disk; each tile is still written atomically (NPZ, then JSON) and
+exactly once. Failures from the DataModule arrive on the same road and are logged as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from .module import Prediction
+from .summary import FAILURES_FILE, FIRST_FAILURES, TileRecord
+from .tiles import TileFailure, remove_stale_temporaries, write_tile
+
+log = logging.getLogger("stage2")
+
+
+class TileWriter(BasePredictionWriter):
+    """Writes opt_v2 NPZ + JSON per tile and `_stage2_failures.jsonl`; gathers the run's counts."""
+
+    def __init__(self, output_dir: str | Path, processing: dict[str, Any], quality: bool = True,
+                 threads: int = 2) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.processing = processing        # run-wide `processing` fields of the output JSON
+        self.quality = quality
+        self.threads = max(1, int(threads))
+        self.records: list[TileRecord] = []
+        self.failures: list[dict[str, str]] = []
+        self.batch_marks: list[tuple[float, int]] = []    # (time, tiles) at each batch end
+        self.model_s = 0.0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots: threading.BoundedSemaphore | None = None
+        self._futures: list[Future] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.output_dir)
+            (self.output_dir / FAILURES_FILE).unlink(missing_ok=True)  # this run lists its own failures
+        trainer.strategy.barrier("stage2-writer-start")
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="stage2-writer")
+        self._slots = threading.BoundedSemaphore(2 * self.threads)
+        self.batch_marks = [(time.perf_counter(), 0)]
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Prediction,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.batch_marks.append((time.perf_counter(), len(prediction.outputs)))
+        self.model_s += prediction.model_s
+        for failure in prediction.batch.failures:
+            self._record_failure(failure.path, failure.reason, failure.hint)
+        if prediction.outputs:
+            self._slots.acquire()       # bounded: at most 2 x threads batches wait in memory
+            fut = self._pool.submit(self._write_batch, prediction)
+            fut.add_done_callback(lambda _: self._slots.release())
+            self._futures.append(fut)
+            self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for pending writes; re-raise an unexpected writer error."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for f in self._futures:
+            f.result()
+        self._futures = []
+
+    # ------------------------------------------------------------------ work
+    def _record_failure(self, path: Path, reason: str, hint: str) -> None:
+        entry = {"file": str(path), "reason": reason, "hint": hint}
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.output_dir / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)      # one write per line with O_APPEND: ranks never interleave
+            finally:
+                os.close(fd)
+            self.failures.append(entry)
+        log.warning("failed: %s: %s (%s)", path, reason, hint)
+
+    def _write_batch(self, pred: Prediction) -> None:
+        tiles = pred.batch.tiles
+        per_tile_ms = 1000.0 * pred.model_s / max(len(tiles), 1)
+        stamp = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+        for tile, out, fallback in zip(tiles, pred.outputs, pred.cpu_fallback):
+            try:
+                q = None
+                if self.quality:
+                    from .quality import tile_quality
+                    q = tile_quality(tile.array, out)
+                meta = {
+                    **tile.meta,
+                    "stage": "stage2_refined",
+                    "timestamp": stamp,
+                    "metadata_defaults": list(tile.defaults),
+                    "processing": {
+                        **self.processing,
+                        "input_file": str(tile.path),
+                        "device": "cpu" if fallback else pred.device,
+                        "processing_time_ms": round(per_tile_ms, 3),
+                        "cpu_fallback": bool(fallback),
+                        "clipped_values": tile.clipped,
+                    },
+                }
+                if q is not None:
+                    meta["quality"] = q
+                write_tile(self.output_dir, tile.name, out, meta)
+            except Exception as e:  # disk full, permission, ...: this tile fails, the run goes on
+                self._record_failure(tile.path, f"could not write the output: {type(e).__name__}: {e}",
+                                     f"check free space and permissions of {self.output_dir}")
+                continue
+            rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(fallback),
+                             q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None)
+            with self._lock:
+                self.records.append(rec)
+
+    # ------------------------------------------------------------------ figures
+    def steady_tiles_per_s(self) -> float:
+        """Tiles/s after the first batch (which pays warm-up), or tiles/model-time for one batch."""
+        marks = self.batch_marks
+        total = sum(n for _, n in marks)
+        if len(marks) >= 3 and marks[-1][0] > marks[1][0]:
+            return sum(n for _, n in marks[2:]) / (marks[-1][0] - marks[1][0])
+        return total / self.model_s if self.model_s > 0 else 0.0
+
+    def gathered(self, trainer: L.Trainer) -> tuple[list[TileRecord], list[dict[str, str]], float]:
+        """Records, failures and tiles/s over all ranks (identity on one process)."""
+        local = (self.records, self.failures, self.steady_tiles_per_s())
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return local
+        parts: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, local)
+        records = [r for p in parts for r in p[0]]
+        failures = [f for p in parts for f in p[1]]
+        return records, failures, sum(p[2] for p in parts)
+
+
+def first_failures(failures: list[dict[str, str]]) -> list[dict[str, str]]:
+    return sorted(failures, key=lambda f: f["file"])[:FIRST_FAILURES]
+
+
+__all__ = ["TileWriter", "first_failures", "TileFailure"]

@@ -1,0 +1,96 @@
+"""Stage2Refiner, the checkpoint format and batch independence (SPEC 6, 8)."""
+
+import numpy as np
+import pytest
+import torch
+
+import stage2
+from stage2.data import SizeBucketBatchSampler, bucket_key, collate
+from stage2.tiles import Tile
+
+SIZES = [(120, 120), (256, 256), (97, 133)]
+
+
+def _tile(h, w, seed, month=6, biome=0):
+    arr = np.random.default_rng(seed).random((4, h, w), dtype=np.float32)
+    return Tile(name=f"t{seed}", path=None, array=arr, meta={}, month=month, biome=biome)
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_output_has_the_input_size_and_range(tiny_model, h, w):
+    x = torch.rand(2, 4, h, w)
+    with torch.inference_mode():
+        y = tiny_model(x, torch.tensor([1, 12]), torch.tensor([0, 15]))
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+    # the border is refined too: the last row/column differ from the input
+    assert (y[..., -1, :] - x[..., -1, :]).abs().max() > 1e-4
+    assert (y[..., :, -1] - x[..., :, -1]).abs().max() > 1e-4
+
+
+def test_month_and_biome_change_the_output(tiny_model):
+    x = torch.rand(1, 4, 64, 64)
+    with torch.inference_mode():
+        a = tiny_model(x, torch.tensor([1]), torch.tensor([0]))
+        b = tiny_model(x, torch.tensor([7]), torch.tensor([0]))
+        c = tiny_model(x, torch.tensor([1]), torch.tensor([9]))
+    assert (a - b).abs().max() > 1e-5 and (a - c).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_tile_in_a_mixed_batch_equals_the_tile_alone(tiny_model, h, w):
+    """Pipeline path: bucket by padded size, collate 4 tiles, crop; equals model(tile) alone."""
+    target = _tile(h, w, seed=1, month=3, biome=5)
+    # neighbours: same padded size but other raw sizes, plus other sizes the sampler must keep apart
+    hp, wp = h + (-h) % 16, w + (-w) % 16
+    others = [_tile(hp - 2, wp - 1, 2), _tile(h, w, 3, 11, 2), _tile(64, 80, 4), _tile(hp - 15, wp - 15, 5)]
+    tiles = [others[0], target, others[1], others[2], others[3]]
+    keys = [bucket_key((4, *t.array.shape[1:]), 16) for t in tiles]
+    batches = list(SizeBucketBatchSampler(keys, batch_size=4))
+    (batch_idx,) = [b for b in batches if 1 in b]
+    assert len(batch_idx) == 4 and 3 not in batch_idx   # the 64x80 tile is kept apart
+    batch = collate([tiles[i] for i in batch_idx], 16)
+    with torch.inference_mode():
+        out = tiny_model.forward_padded(batch.x, batch.month, batch.biome)
+        alone = tiny_model(torch.from_numpy(target.array)[None], torch.tensor([3]), torch.tensor([5]))[0]
+    pos = batch_idx.index(1)
+    got = out[pos, :, :h, :w]
+    assert got.shape == alone.shape == (4, h, w)
+    assert (got - alone).abs().max().item() <= 1e-5
+
+
+def test_sampler_covers_every_index_once_across_ranks():
+    keys = [(128, 128)] * 7 + [(256, 256)] * 5 + ["invalid"] * 2 + [(112, 144)] * 9
+    seen = []
+    for rank in range(3):
+        for b in SizeBucketBatchSampler(keys, 4, rank, 3):
+            assert len({keys[i] for i in b}) == 1
+            seen.extend(b)
+    assert sorted(seen) == list(range(len(keys)))
+
+
+def test_checkpoint_round_trip(tiny_model, tiny_ckpt):
+    loaded = stage2.load_model(tiny_ckpt)
+    assert not loaded.training and loaded.config == tiny_model.config
+    x = torch.rand(1, 4, 120, 120)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x, torch.tensor([6]), torch.tensor([0])), tiny_model(x, torch.tensor([6]), torch.tensor([0])))
+    raw = torch.load(tiny_ckpt, weights_only=True)
+    assert raw["stage2_checkpoint"] == 1 and raw["model_config"]["backbone"] == "prithvi_eo_tiny"
+
+
+def test_build_model_by_name_and_dict_without_download(monkeypatch):
+    import os
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    cfg = {"name": "mine", "backbone": "prithvi_eo_tiny", "decoder_channels": 8, "refine_channels": 8}
+    m = stage2.build_model(cfg)
+    assert m.config["name"] == "mine" and m.patch_size == 16
+    with pytest.raises(ValueError, match="unknown model"):
+        stage2.build_model("prithvi_nonexistent")
+
+
+def test_import_stage2_is_light():
+    import subprocess
+    import sys
+    code = "import sys, stage2; assert 'torch' not in sys.modules and 'terratorch' not in sys.modules; print(stage2.__version__)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
