@@ -1,0 +1,199 @@
+"""Did Stage 2 help? Compare Stage 1 inputs and Stage 2 outputs against the true optical tiles.
+
+`python -m stage2.evaluate truth_dir=DIR input_dir=DIR output_dir=DIR` reads, for every finished
+output `output_dir/<stem>.npz` (opt_v2), the Stage 1 input `input_dir/<stem>.npz` (opt_v1) and
+the truth `truth_dir/<stem>.npz` (key `target`, or `opt_v1` for a folder of optical tiles), and
+prints per tile and on average the error of the input and of the output: RMSE and PSNR of the
+reflectance, the guide's NDVI RMSE and edge preservation (stage2.quality), all against the truth.
+The table is also saved as `output_dir/_stage2_evaluation.json`.
+
+Only useful where a truth exists: a benchmark, a validation site, or Stage 1 stand-ins made with
+`stage2.degrade`. `compare` is the one place these figures are computed; `stage2.train` uses it for
+its validation metrics too. Pure numpy (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .quality import edge_preservation, ndvi_rmse
+from .tiles import INPUT_KEY, OUTPUT_KEY, discover, is_done, tile_name
+
+EVALUATION_FILE = "_stage2_evaluation.json"
+METRICS = ("rmse", "psnr", "ndvi_rmse", "edge_preservation")
+_LOWER_IS_BETTER = {"rmse": True, "psnr": False, "ndvi_rmse": True, "edge_preservation": False}
+
+
+class EvaluationError(Exception):
+    """A folder or tile cannot be compared; the message names it and says what to do."""
+
+
+def rmse(truth: np.ndarray, estimate: np.ndarray) -> float:
+    d = np.asarray(estimate, np.float64) - np.asarray(truth, np.float64)
+    return float(np.sqrt(np.mean(d * d)))
+
+
+def psnr(truth: np.ndarray, estimate: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB for reflectance in [0, 1] (peak 1); inf for identical tiles."""
+    e = rmse(truth, estimate)
+    return math.inf if e == 0 else 20.0 * math.log10(1.0 / e)
+
+
+def compare(truth: np.ndarray, estimate: np.ndarray) -> dict[str, float | None]:
+    """RMSE, PSNR, NDVI RMSE and edge preservation of `estimate` against `truth`, both (4, H, W)."""
+    if np.shape(truth) != np.shape(estimate):
+        raise ValueError(f"shapes differ: truth {np.shape(truth)}, estimate {np.shape(estimate)}")
+    return {"rmse": rmse(truth, estimate), "psnr": psnr(truth, estimate),
+            "ndvi_rmse": ndvi_rmse(truth, estimate), "edge_preservation": edge_preservation(truth, estimate)}
+
+
+@dataclass
+class TileScore:
+    name: str
+    before: dict[str, float | None]    # opt_v1 against the truth
+    after: dict[str, float | None]     # opt_v2 against the truth
+
+
+@dataclass
+class Evaluation:
+    truth_dir: str
+    input_dir: str
+    output_dir: str
+    tiles: list[TileScore] = field(default_factory=list)
+
+    def mean(self, which: str, metric: str) -> float | None:
+        vals = [getattr(t, which)[metric] for t in self.tiles]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        return float(np.mean(vals)) if vals else None
+
+    def improved(self, metric: str = "rmse") -> int:
+        """How many tiles the output brought closer to the truth by `metric`."""
+        n = 0
+        for t in self.tiles:
+            b, a = t.before[metric], t.after[metric]
+            if b is not None and a is not None:
+                n += (a < b) if _LOWER_IS_BETTER[metric] else (a > b)
+        return n
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": {w: {m: self.mean(w, m) for m in METRICS} for w in ("before", "after")},
+                "improved": {m: self.improved(m) for m in METRICS}}
+
+    def format(self) -> str:
+        """The one-screen table: per tile and mean, before (opt_v1) -> after (opt_v2)."""
+        def f(v: float | None, nd: int) -> str:
+            return "   n/a" if v is None else f"{v:.{nd}f}"
+        width = max([len(t.name) for t in self.tiles] + [10])
+        head = (f"{'tile':<{width}}  {'RMSE v1':>8} {'RMSE v2':>8}  {'NDVI-RMSE v1':>12} {'NDVI-RMSE v2':>12}"
+                f"  {'PSNR v1':>7} {'PSNR v2':>7}  {'edge v1':>7} {'edge v2':>7}")
+        lines = ["stage2 evaluation against the truth (v1 = Stage 1 input, v2 = Stage 2 output; "
+                 "lower RMSE, higher PSNR and edge = closer)", head, "-" * len(head)]
+        rows = [(t.name, t.before, t.after) for t in self.tiles]
+        rows.append(("mean", {m: self.mean("before", m) for m in METRICS}, {m: self.mean("after", m) for m in METRICS}))
+        for i, (name, b, a) in enumerate(rows):
+            if i == len(rows) - 1:
+                lines.append("-" * len(head))
+            lines.append(f"{name:<{width}}  {f(b['rmse'], 4):>8} {f(a['rmse'], 4):>8}  {f(b['ndvi_rmse'], 4):>12} "
+                         f"{f(a['ndvi_rmse'], 4):>12}  {f(b['psnr'], 2):>7} {f(a['psnr'], 2):>7}  "
+                         f"{f(b['edge_preservation'], 3):>7} {f(a['edge_preservation'], 3):>7}")
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        n = len(self.tiles)
+        b, a = self.mean("before", "rmse"), self.mean("after", "rmse")
+        nb, na = self.mean("before", "ndvi_rmse"), self.mean("after", "ndvi_rmse")
+        if b is None or a is None:
+            return "no tiles compared"
+        word = "closer to" if a < b else "NOT closer to"
+        change = f"{100 * (a - b) / b:+.1f} %" if b > 0 else "n/a"
+        return (f"Stage 2 output is {word} the truth: mean RMSE {b:.4f} -> {a:.4f} ({change}), "
+                f"mean NDVI RMSE {nb:.4f} -> {na:.4f}; RMSE improved on {self.improved('rmse')} of {n} tiles")
+
+
+def _read(path: Path, keys: tuple[str, ...], what: str) -> np.ndarray:
+    if not path.is_file():
+        raise EvaluationError(f"{what} {path} does not exist: every output tile needs its {what} with the same name")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for k in keys:
+                if k in npz.files:
+                    return np.asarray(npz[k], dtype=np.float32)
+            found = list(npz.files)
+    except EvaluationError:
+        raise
+    except Exception as e:
+        raise EvaluationError(f"{what} {path} is unreadable ({type(e).__name__}: {e})") from None
+    raise EvaluationError(f"{what} {path} has no {' or '.join(repr(k) for k in keys)} array (found {found})")
+
+
+def evaluate_dirs(truth_dir: str | Path, input_dir: str | Path, output_dir: str | Path) -> Evaluation:
+    """Score every finished output tile of `output_dir` (sorted by name) against its truth and input."""
+    truth_dir, input_dir, output_dir = Path(truth_dir), Path(input_dir), Path(output_dir)
+    for key, d in (("truth_dir", truth_dir), ("input_dir", input_dir), ("output_dir", output_dir)):
+        if not d.is_dir():
+            raise EvaluationError(f"{key} {d} is not a directory: pass {key}=DIR")
+    files, _ = discover(output_dir)
+    names = [tile_name(f, output_dir) for f in files if is_done(output_dir, tile_name(f, output_dir))]
+    if not names:
+        raise EvaluationError(f"No finished Stage 2 outputs in {output_dir}: run python -m stage2.predict first")
+    ev = Evaluation(str(truth_dir), str(input_dir), str(output_dir))
+    for name in names:
+        truth = _read(truth_dir / f"{name}.npz", ("target", INPUT_KEY), "truth")
+        v1 = _read(input_dir / f"{name}.npz", (INPUT_KEY,), "input")
+        v2 = _read(output_dir / f"{name}.npz", (OUTPUT_KEY,), "output")
+        if not truth.shape == v1.shape == v2.shape:
+            raise EvaluationError(f"tile {name}: shapes differ (truth {truth.shape}, input {v1.shape}, output "
+                                  f"{v2.shape}): the truth must cover the same pixels as the Stage 1 tile")
+        ev.tiles.append(TileScore(name, compare(truth, v1), compare(truth, v2)))
+    return ev
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: key=value arguments like the other stage2 commands; exit 0, or 2 on a bad folder or tile."""
+    from omegaconf import OmegaConf
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    cfg = OmegaConf.from_dotlist(args)
+    unknown = set(cfg) - {"truth_dir", "input_dir", "output_dir", "save"}
+    missing = [k for k in ("truth_dir", "input_dir", "output_dir") if cfg.get(k) in (None, "")]
+    if unknown or missing:
+        print(f"stage2.evaluate: error: {'unknown keys ' + str(sorted(unknown)) if unknown else 'missing ' + str(missing)}; "
+              "usage: python -m stage2.evaluate truth_dir=DIR input_dir=DIR output_dir=DIR [save=true]", file=sys.stderr)
+        return 2
+    try:
+        ev = evaluate_dirs(cfg.truth_dir, cfg.input_dir, cfg.output_dir)
+    except EvaluationError as e:
+        print(f"stage2.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(ev.format())
+    if cfg.get("save", True):
+        path = Path(cfg.output_dir) / EVALUATION_FILE
+        path.write_text(json.dumps(_finite(ev.to_json()), indent=2, allow_nan=False) + "\n")
+        print(f"saved {path}")
+    return 0
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no inf/NaN (identical tiles have an infinite PSNR): write null instead."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Training pairs (Stage 1 output, true optical) for `stage2.train`, and their LightningDataModule.
+
+Two sources, usable alone or together:
+
+- real pairs: `pairs_dir/<stem>.npz` holding `opt_v1` (a Stage 1 output) and `target` (the true
+  optical image of the same place and date), both (4, H, W) in [0, 1] with the checks of SPEC 2,
+  plus the usual optional `<stem>.json` sidecar (month, biome_code);
+- simulated pairs: `optical_dir/<stem>.npz` holding true optical tiles in the `opt_v1` format;
+  the input is made on the fly by `stage2.degrade` (a stand-in for a real Stage 1 model).
+
+Training batches are random crops (with random flips and 90-degree turns, applied to both sides
+of the pair); every crop and every degradation is drawn from a Generator seeded by
+(seed, sample index), and the sampler numbers samples by epoch, so a run is reproducible and does
+not depend on the worker count. Validation uses whole held-out tiles (a fixed share of each
+source, chosen by a seeded shuffle of the tile names), each degraded once with `val_seed`.
+Tiles are read from disk when sampled (nothing is cached), so a large folder does not fill RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .degrade import DegradeParams, degrade, tile_seed
+from .tiles import INPUT_KEY, TileError, _load_array, discover, peek_shape, read_sidecar, read_tile, validate_array
+
+log = logging.getLogger("stage2")
+
+TARGET_KEY = "target"
+_MARGIN = 4    # extra pixels around a simulated crop, so shift and blur see real neighbours, not padding
+
+
+class PairError(ValueError):
+    """A training file cannot be used; the message names the file and says what to do."""
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """One training tile: a real pair (opt_v1 + target in one NPZ) or a true optical tile to degrade."""
+
+    path: Path
+    simulated: bool
+    height: int
+    width: int
+    month: int
+    biome: int
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def _checked(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
+    try:
+        return validate_array(arr)[0]
+    except TileError as e:
+        raise PairError(f"{path}: '{key}' {e.reason} ({e.hint})") from None
+
+
+def read_pair(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(opt_v1, target) of a real pair, both float32 (4, H, W) in [0, 1], same shape; PairError if not."""
+    path = Path(path)
+    try:
+        v1 = _load_array(path)
+        with np.load(path, allow_pickle=False) as npz:
+            if TARGET_KEY not in npz.files:
+                raise PairError(f"{path}: no '{TARGET_KEY}' array (found keys: {list(npz.files)}): a real training "
+                                f"pair holds the Stage 1 output as '{INPUT_KEY}' and the true optical as '{TARGET_KEY}'")
+            target = npz[TARGET_KEY]
+    except TileError as e:
+        raise PairError(f"{path}: {e.reason} ({e.hint})") from None
+    except ValueError as e:
+        if isinstance(e, PairError):
+            raise
+        raise PairError(f"{path}: '{TARGET_KEY}' could not be read ({e}): store a plain float32 array") from None
+    v1, target = _checked(v1, path, INPUT_KEY), _checked(target, path, TARGET_KEY)
+    if v1.shape != target.shape:
+        raise PairError(f"{path}: '{INPUT_KEY}' {v1.shape} and '{TARGET_KEY}' {target.shape} differ in shape: "
+                        "both must cover the same pixels")
+    return v1, target
+
+
+def read_truth(path: str | Path) -> np.ndarray:
+    """A true optical tile (opt_v1 format) as float32 (4, H, W) in [0, 1]; PairError if not."""
+    try:
+        return read_tile(path).array
+    except TileError as e:
+        raise PairError(f"{path}: {e.reason} ({e.hint})") from None
+
+
+def scan(folder: str | Path, simulated: bool) -> list[PairSource]:
+    """Check every tile of a source folder once (so a bad file stops the run before training) and list it."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a directory"
+        key = "optical_dir" if simulated else "pairs_dir"
+        raise PairError(f"{key} {folder} {what}: point it at a folder of training tiles")
+    files, _ = discover(folder)
+    if not files:
+        raise PairError(f"No NPZ tiles found in {folder}")
+    out = []
+    for f in files:
+        arr = read_truth(f) if simulated else read_pair(f)[0]
+        try:
+            _, month, biome, _ = read_sidecar(f)
+        except TileError as e:
+            raise PairError(f"{f}: {e.reason} ({e.hint})") from None
+        out.append(PairSource(f, simulated, int(arr.shape[1]), int(arr.shape[2]), month, biome))
+    return out
+
+
+def split(sources: Sequence[PairSource], val_fraction: float, seed: int) -> tuple[list[PairSource], list[PairSource]]:
+    """Hold out whole tiles for validation: ceil(fraction * n) of them (at least one training tile stays)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = min(math.ceil(val_fraction * len(sources)), len(sources) - 1) if val_fraction > 0 else 0
+    order = np.random.default_rng(seed).permutation(len(sources))
+    val_idx = set(order[:n_val].tolist())
+    return ([s for i, s in enumerate(sources) if i not in val_idx], [s for i, s in enumerate(sources) if i in val_idx])
+
+
+def load_pair(src: PairSource, seed: int, params: DegradeParams) -> tuple[np.ndarray, np.ndarray]:
+    """A whole tile's (opt_v1, target); a simulated one degraded with the tile's own seed."""
+    if src.simulated:
+        truth = read_truth(src.path)
+        return degrade(truth, tile_seed(seed, src.name), params), truth
+    return read_pair(src.path)
+
+
+def _augment(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random flip and 90-degree turn for every array: ground imagery has no up or left."""
+    k, flip = int(rng.integers(4)), bool(rng.integers(2))
+    out = []
+    for a in arrays:
+        a = np.rot90(a, k, axes=(1, 2))
+        out.append(np.ascontiguousarray(a[:, :, ::-1] if flip else a))
+    return out
+
+
+def _crop_window(rng: np.random.Generator, h: int, w: int, size: int) -> tuple[int, int]:
+    return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+
+
+def _reflect_to(a: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad a tile smaller than the crop up to it (tiles may be as small as 16 px)."""
+    ph, pw = max(0, size - a.shape[1]), max(0, size - a.shape[2])
+    if ph == 0 and pw == 0:
+        return a
+    return np.pad(a, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
+
+
+class RandomCropPairs(Dataset):
+    """Sample index -> one random (opt_v1, target) crop, drawn from Generator(seed, index).
+
+    Tiles are drawn in proportion to their area, so a 256 px tile is sampled about 4.5 times as
+    often as a 120 px one and every pixel is equally likely to be seen.
+    """
+
+    def __init__(self, sources: Sequence[PairSource], crop: int, seed: int, params: DegradeParams) -> None:
+        if not sources:
+            raise ValueError("no training tiles")
+        self.sources = list(sources)
+        self.crop = int(crop)
+        self.seed = int(seed)
+        self.params = params
+        area = np.array([s.height * s.width for s in self.sources], dtype=np.float64)
+        self.weights = area / area.sum()
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        src = self.sources[int(rng.choice(len(self.sources), p=self.weights))]
+        if src.simulated:
+            truth = _reflect_to(read_truth(src.path), self.crop)
+            size = min(self.crop + 2 * _MARGIN, truth.shape[1], truth.shape[2])
+            y, x = _crop_window(rng, truth.shape[1], truth.shape[2], size)
+            big = truth[:, y:y + size, x:x + size]
+            v1 = degrade(big, rng, self.params)
+            # cut the margin (or what of it fits) so the crop is exactly `crop` px
+            oy, ox = (size - self.crop) // 2, (size - self.crop) // 2
+            v1, target = v1[:, oy:oy + self.crop, ox:ox + self.crop], big[:, oy:oy + self.crop, ox:ox + self.crop]
+        else:
+            v1, target = (_reflect_to(a, self.crop) for a in read_pair(src.path))
+            y, x = _crop_window(rng, v1.shape[1], v1.shape[2], self.crop)
+            v1, target = v1[:, y:y + self.crop, x:x + self.crop], target[:, y:y + self.crop, x:x + self.crop]
+        v1, target = _augment([v1, target], rng)
+        return {"opt_v1": torch.from_numpy(v1), "target": torch.from_numpy(target),
+                "month": torch.tensor(src.month, dtype=torch.long), "biome": torch.tensor(src.biome, dtype=torch.long)}
+
+
+class WholeTilePairs(Dataset):
+    """Validation: every held-out tile whole, degraded once (seeded by val_seed and the tile's name)."""
+
+    def __init__(self, sources: Sequence[PairSource], seed: int, params: DegradeParams) -> None:
+        self.sources = list(sources)
+        self.seed = int(seed)
+        self.params = params
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        src = self.sources[index]
+        v1, target = load_pair(src, self.seed, self.params)
+        return {"opt_v1": torch.from_numpy(v1), "target": torch.from_numpy(target),
+                "month": torch.tensor(src.month, dtype=torch.long), "biome": torch.tensor(src.biome, dtype=torch.long),
+                "name": src.name}
+
+
+class EpochSampler(Sampler[int]):
+    """Sample indices `samples_per_epoch` per epoch, new ones every epoch, split across ranks.
+
+    Lightning calls `set_epoch` before each epoch; index = (epoch * samples_per_epoch + k) so
+    the crop drawn for a given step is the same in every run with the same seed. With several
+    devices each rank takes every world_size-th index (Lightning's sampler replacement is off).
+    """
+
+    def __init__(self, samples_per_epoch: int, rank: int = 0, world_size: int = 1) -> None:
+        if samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.n = int(samples_per_epoch)
+        self.rank, self.world = int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.epoch * self.n
+        return iter(range(start + self.rank, start + self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+class PairDataModule(L.LightningDataModule):
+    """Real and/or simulated training pairs: random crops for training, whole held-out tiles for validation."""
+
+    def __init__(self, pairs_dir: str | Path | None = None, optical_dir: str | Path | None = None,
+                 crop: int = 96, batch_size: int = 16, samples_per_epoch: int = 1024, val_fraction: float = 0.15,
+                 seed: int = 0, val_seed: int = 1, degrade: Mapping[str, Any] | DegradeParams | None = None,
+                 num_workers: int = 0, pin_memory: bool = False, patch_size: int = 16) -> None:
+        super().__init__()
+        if pairs_dir in (None, "") and optical_dir in (None, ""):
+            raise PairError("no training data: set pairs_dir=DIR (real Stage 1 / optical pairs) and/or "
+                            "optical_dir=DIR (true optical tiles, degraded on the fly)")
+        if crop < 16 or crop % patch_size:
+            raise ValueError(f"crop must be a multiple of the model's patch size {patch_size} (>= 16), got {crop}")
+        self.pairs_dir = None if pairs_dir in (None, "") else Path(pairs_dir)
+        self.optical_dir = None if optical_dir in (None, "") else Path(optical_dir)
+        self.crop, self.batch_size = int(crop), int(batch_size)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.val_fraction = float(val_fraction)
+        self.seed, self.val_seed = int(seed), int(val_seed)
+        self.params = degrade if isinstance(degrade, DegradeParams) else DegradeParams.from_mapping(degrade)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.train_sources: list[PairSource] = []
+        self.val_sources: list[PairSource] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_sources:
+            return
+        for folder, simulated in ((self.pairs_dir, False), (self.optical_dir, True)):
+            if folder is None:
+                continue
+            train, val = split(scan(folder, simulated), self.val_fraction, self.seed)
+            self.train_sources += train
+            self.val_sources += val
+        log.info("training on %d tiles, validating on %d held-out tiles (%s)", len(self.train_sources),
+                 len(self.val_sources), ", ".join(s.name for s in self.val_sources) or "none")
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        return DataLoader(
+            RandomCropPairs(self.train_sources, self.crop, self.seed, self.params),
+            batch_size=self.batch_size, sampler=EpochSampler(self.samples_per_epoch, rank, world),
+            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=False, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sources:
+            return []
+        rank, world = self._rank()
+        # whole tiles differ in size: one per batch; each rank validates its share
+        return DataLoader(WholeTilePairs(self.val_sources[rank::world], self.val_seed, self.params),
+                          batch_size=1, num_workers=min(self.num_workers, 1), collate_fn=_collate_one)
+
+
+def _collate_one(items: list[dict[str, Any]]) -> dict[str, Any]:
+    (item,) = items
+    return {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()}

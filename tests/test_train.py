@@ -1,0 +1,281 @@
+"""Training the refiner (stage2.train, train_data, degrade, pretrained, evaluate): behaviour a user relies on."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import stage2
+from conftest import make_tile, run_cli
+from stage2.degrade import DegradeParams, degrade, degrade_dir
+from stage2.tiles import read_output, read_tile
+
+
+def _truth(seed: int = 0, h: int = 64, w: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    arr = rng.uniform(0, 1, (4, h, w)).astype(np.float32)
+    arr[:, :8] = 0.0          # values at both ends of the range must stay in range
+    arr[:, -8:] = 1.0
+    return arr
+
+
+# ----------------------------------------------------------------------------- degradation
+def test_degradation_is_deterministic_per_seed_and_stays_in_range():
+    x = _truth()
+    a, b, c = degrade(x, 7), degrade(x, 7), degrade(x, 8)
+    assert a.dtype == np.float32 and a.shape == x.shape
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+    for y in (a, c):
+        assert np.isfinite(y).all() and y.min() >= 0.0 and y.max() <= 1.0
+        assert np.sqrt(np.mean((y - x) ** 2)) > 0.01        # it really degrades
+    # each component alone also changes the tile and keeps it valid
+    zero = DegradeParams(max_shift=0, blur_sigma=(0, 0), contrast=(1, 1), gain_sd=0, offset_sd=0,
+                         speckle_sd=(0, 0), noise_sd=(0, 0))
+    assert np.allclose(degrade(x, 1, zero), x, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(4, H, W\)"):
+        degrade(x[:3], 0)
+    with pytest.raises(ValueError, match="unknown degradation keys"):
+        DegradeParams.from_mapping({"blur": 1})
+
+
+def test_degrade_cli_writes_stage1_tiles_seeded_by_name(tmp_path):
+    truth = tmp_path / "truth"
+    make_tile(truth / "a.npz", 40, 48, seed=1, meta={"month": 7, "biome_code": 4, "tile_id": "a"})
+    make_tile(truth / "b.npz", 32, 32, seed=2)
+    r = run_cli([f"truth_dir={truth}", f"output_dir={tmp_path / 's1'}", "seed=3"], module="stage2.degrade")
+    assert r.returncode == 0, r.stderr
+    t = read_tile(tmp_path / "s1" / "a.npz")                 # predict's own reader accepts it
+    assert t.array.shape == (4, 40, 48) and (t.month, t.biome, t.meta["tile_id"]) == (7, 4, "a")
+    # a tile's degradation depends on (seed, name) only, not on the other tiles in the folder
+    alone = tmp_path / "alone"
+    make_tile(alone / "a.npz", 40, 48, seed=1)
+    degrade_dir(alone, tmp_path / "s1_alone", seed=3)
+    assert np.array_equal(np.load(tmp_path / "s1_alone" / "a.npz")["opt_v1"], t.array)
+    r = run_cli([f"truth_dir={tmp_path / 'none'}", f"output_dir={tmp_path / 'x'}"], module="stage2.degrade")
+    assert r.returncode == 2 and "No NPZ tiles found" in r.stderr
+
+
+# ----------------------------------------------------------------------------- data
+def _pairs_dir(path: Path, n: int = 2, size: int = 48) -> Path:
+    for i in range(n):
+        target = make_tile(path / f"p{i}.npz", size, size, seed=10 + i, meta={"month": 5, "biome_code": 8})
+        np.savez(path / f"p{i}.npz", opt_v1=degrade(target, i), target=target)
+    return path
+
+
+def test_pair_data_is_reproducible_and_checks_files(tmp_path):
+    from stage2.train_data import PairDataModule, PairError, RandomCropPairs, read_pair, scan
+
+    opt = tmp_path / "opt"
+    for i in range(3):
+        make_tile(opt / f"t{i}.npz", 40 + 8 * i, 64, seed=i)
+    sources = scan(opt, simulated=True) + scan(_pairs_dir(tmp_path / "pairs"), simulated=False)
+    ds = RandomCropPairs(sources, crop=32, seed=0, params=DegradeParams())
+    for i in (0, 5, 17):
+        a, b = ds[i], ds[i]
+        assert a["opt_v1"].shape == a["target"].shape == (4, 32, 32)
+        assert torch.equal(a["opt_v1"], b["opt_v1"]) and torch.equal(a["target"], b["target"])
+        assert 0 <= float(a["opt_v1"].min()) and float(a["opt_v1"].max()) <= 1
+    assert not torch.equal(ds[0]["target"], ds[1]["target"])
+
+    dm = PairDataModule(optical_dir=opt, pairs_dir=tmp_path / "pairs", crop=32, batch_size=4, samples_per_epoch=8,
+                        val_fraction=0.3)
+    dm.setup("fit")
+    assert len(dm.train_sources) == 3 and len(dm.val_sources) == 2          # one held-out tile per source
+    assert not {s.name for s in dm.train_sources} & {s.name for s in dm.val_sources}
+    assert len(dm.train_dataloader()) == 2
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.savez(bad / "x.npz", opt_v1=np.zeros((4, 32, 32), np.float32))
+    with pytest.raises(PairError, match=r"x\.npz: no 'target' array"):
+        read_pair(bad / "x.npz")
+    np.savez(bad / "x.npz", opt_v1=np.zeros((4, 32, 32), np.float32), target=np.zeros((4, 32, 30), np.float32))
+    with pytest.raises(PairError, match="differ in shape"):
+        read_pair(bad / "x.npz")
+    np.savez(bad / "x.npz", opt_v1=np.zeros((4, 32, 32), np.float32), target=np.full((4, 32, 32), 900.0, np.float32))
+    with pytest.raises(PairError, match=r"'target' values in .* far outside"):
+        read_pair(bad / "x.npz")
+
+
+# ----------------------------------------------------------------------------- learning
+def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch():
+    from stage2.train import RefinerTrainModule
+
+    torch.manual_seed(0)
+    module = RefinerTrainModule(stage2.build_model("prithvi_eo_tiny").train())
+    target = torch.from_numpy(np.stack([_truth(s, 32, 32) * 0.5 + 0.2 for s in range(4)]))
+    v1 = torch.from_numpy(np.stack([degrade(t.numpy(), s) for s, t in enumerate(target)]))
+    month, biome = torch.full((4,), 6), torch.zeros(4, dtype=torch.long)
+    opt = torch.optim.AdamW(module.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss, _, _ = module.compute_loss(module(v1, month, biome), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path):
+    import lightning as L
+
+    from stage2.train import FreezeEncoder, RefinerTrainModule
+    from stage2.train_data import PairDataModule
+
+    opt = tmp_path / "opt"
+    for i in range(2):
+        make_tile(opt / f"t{i}.npz", 48, 48, seed=i)
+    L.seed_everything(0)
+    module = RefinerTrainModule(stage2.build_model("prithvi_eo_tiny").train())
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    dm = PairDataModule(optical_dir=opt, crop=32, batch_size=2, samples_per_epoch=6, val_fraction=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[FreezeEncoder(1)])
+    trainer.fit(module, datamodule=dm)
+    after = module.model.state_dict()
+    assert trainer.global_step == 3
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert not torch.equal(before["refine.2.weight"], after["refine.2.weight"])
+    # from epoch 1 on the encoder trains
+    FreezeEncoder(1).on_train_epoch_start(SimpleNamespace(current_epoch=1), module)
+    assert all(p.requires_grad for p in module.model.encoder.parameters())
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+def test_train_cli_writes_checkpoints_that_load_and_predict(tmp_path):
+    opt = tmp_path / "opt"
+    for i in range(3):
+        make_tile(opt / f"t{i}.npz", 48, 64, seed=i, meta={"month": 3 + i, "biome_code": i})
+    pairs = _pairs_dir(tmp_path / "pairs")
+    run = tmp_path / "run"
+    r = run_cli(["hardware=cpu", f"optical_dir={opt}", f"pairs_dir={pairs}", "data.crop=32", "data.batch_size=4",
+                 "data.samples_per_epoch=8", "data.val_fraction=0.3", "trainer.max_epochs=2",
+                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"hydra.run.dir={run}"],
+                cwd=tmp_path, module="stage2.train")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "validation (held-out tiles, best epoch): RMSE" in r.stdout
+
+    pt = run / "stage2_refiner.pt"
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
+    best = [c for c in ckpts if c.name != "last.ckpt"]
+    assert pt.is_file() and len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
+    raw = torch.load(best[0], map_location="cpu", weights_only=True)     # plain types only
+    assert raw["hyper_parameters"]["stage2_checkpoint"] == 1
+    assert raw["hyper_parameters"]["model_config"]["backbone"] == "prithvi_eo_tiny"
+    m_pt, m_ckpt = stage2.load_model(pt), stage2.load_model(best[0])
+    assert all(torch.equal(a, b) for a, b in zip(m_pt.state_dict().values(), m_ckpt.state_dict().values()))
+    untrained = stage2.build_model("prithvi_eo_tiny")
+    assert not torch.equal(m_pt.state_dict()["refine.2.weight"], untrained.state_dict()["refine.2.weight"])
+
+    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
+    val = [row for row in rows if row.get("val_loss")]
+    assert len(val) == 2
+    for key in ("val_rmse_in", "val_rmse_out", "val_psnr_in", "val_psnr_out", "val_ndvi_rmse_in",
+                "val_ndvi_rmse_out", "val_edge_preservation_in", "val_edge_preservation_out"):
+        assert float(val[-1][key]) == pytest.approx(float(val[-1][key]))     # a number
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and len(summary["val_tiles"]) == 2
+
+    # predict reads the Lightning checkpoint as it is
+    inp = tmp_path / "in"
+    make_tile(inp / "x.npz", 40, 40, seed=9)
+    out = tmp_path / "out"
+    r = run_cli([f"checkpoint={best[0]}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    v2 = read_output(out / "x.npz")
+    with torch.inference_mode():
+        expect = m_ckpt(torch.from_numpy(read_tile(inp / "x.npz").array)[None], torch.tensor([6]), torch.tensor([0]))
+    assert np.abs(expect[0].numpy() - v2).max() <= 1e-5
+
+
+def test_train_cli_says_what_is_wrong_with_its_inputs(tmp_path):
+    r = run_cli(["hardware=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, module="stage2.train")
+    assert r.returncode == 2 and "no training data" in r.stderr
+    r = run_cli(["hardware=cpu", f"optical_dir={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                cwd=tmp_path, module="stage2.train")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "nope" in r.stderr
+
+
+# ----------------------------------------------------------------------------- pretrained Prithvi weights
+@pytest.fixture(scope="module")
+def prithvi_file(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A file laid out like Prithvi's original checkpoint: a 6-band PrithviMAE state dict, torch.save'd."""
+    from terratorch.models.backbones.prithvi_vit import PRETRAINED_BANDS, _create_prithvi
+
+    torch.manual_seed(123)
+    mae = _create_prithvi("prithvi_eo_tiny", pretrained=False, encoder_only=False, model_bands=PRETRAINED_BANDS)
+    state = {k: v.detach().clone() for k, v in mae.state_dict().items()}
+    assert state["encoder.patch_embed.proj.weight"].shape[1] == 6 and any(k.startswith("decoder.") for k in state)
+    path = tmp_path_factory.mktemp("prithvi") / "Prithvi_EO_tiny.pt"
+    torch.save(state, path)
+    return path, state
+
+
+def test_pretrained_weights_load_into_the_encoder_for_our_four_bands(prithvi_file, tmp_path):
+    from stage2.pretrained import PretrainedError, load_pretrained_encoder
+
+    path, state = prithvi_file
+    model = stage2.build_model("prithvi_eo_tiny")
+    report = load_pretrained_encoder(model, path)
+    enc = model.encoder.state_dict()
+    # bands BLUE, GREEN, RED, NIR_NARROW are the first four of Prithvi's six
+    assert torch.equal(enc["patch_embed.proj.weight"], state["encoder.patch_embed.proj.weight"][:, :4])
+    for key in ("blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.weight", "norm.weight", "cls_token"):
+        assert torch.equal(enc[key], state[f"encoder.{key}"]), key
+    assert "patch_embed.proj.weight" in report["loaded"] and not report["missing"]
+
+    bad = tmp_path / "other.pt"
+    torch.save({"backbone.conv.weight": torch.zeros(3)}, bad)
+    with pytest.raises(PretrainedError, match=r"other\.pt"):
+        load_pretrained_encoder(model, bad)
+    with pytest.raises(PretrainedError, match="does not exist"):
+        load_pretrained_encoder(model, tmp_path / "missing.pt")
+
+
+def test_train_config_starts_from_pretrained_path(prithvi_file):
+    from hydra import compose, initialize_config_dir
+
+    from stage2.model import CONF_DIR
+    from stage2.train import build_model
+
+    path, state = prithvi_file
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hardware=cpu", f"model.pretrained_path={path}"])
+    model = build_model(cfg)
+    assert torch.equal(model.encoder.state_dict()["blocks.1.attn.proj.weight"],
+                       state["encoder.blocks.1.attn.proj.weight"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path):
+    from stage2.evaluate import evaluate_dirs
+    from stage2.tiles import write_tile
+
+    truth, s1, out = tmp_path / "truth", tmp_path / "s1", tmp_path / "out"
+    arrays = [make_tile(truth / f"t{i}.npz", 32, 40, seed=i) for i in range(2)]
+    degrade_dir(truth, s1, seed=0)
+    for i, a in enumerate(arrays):   # t0 perfect, t1 half-way between input and truth
+        v1 = np.load(s1 / f"t{i}.npz")["opt_v1"]
+        write_tile(out, f"t{i}", a if i == 0 else (a + v1) / 2, {})
+    ev = evaluate_dirs(truth, s1, out)
+    assert [t.name for t in ev.tiles] == ["t0", "t1"]
+    assert ev.tiles[0].after["rmse"] == 0.0 and ev.tiles[0].before["rmse"] > 0.01
+    assert ev.tiles[1].after["rmse"] == pytest.approx(ev.tiles[1].before["rmse"] / 2, rel=1e-4)
+    assert ev.improved("rmse") == 2 and "closer to the truth" in ev.verdict()
+
+    r = run_cli([f"truth_dir={truth}", f"input_dir={s1}", f"output_dir={out}"], module="stage2.evaluate")
+    assert r.returncode == 0 and "mean" in r.stdout and "RMSE improved on 2 of 2 tiles" in r.stdout
+    saved = json.loads((out / "_stage2_evaluation.json").read_text())
+    assert saved["tiles"][0]["after"]["psnr"] is None          # infinite PSNR is written as null
+    (truth / "t1.npz").unlink()
+    r = run_cli([f"truth_dir={truth}", f"input_dir={s1}", f"output_dir={out}"], module="stage2.evaluate")
+    assert r.returncode == 2 and "t1.npz does not exist" in r.stderr
