@@ -127,9 +127,12 @@ def _run(cfg: DictConfig, t0: float) -> int:
         return 0
 
     # Heavy imports only from here on.
+    import warnings
+
     import lightning as L
     import torch
 
+    logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
     from .checkpoint import CheckpointError, load_model
     from .data import TileDataModule
     from .module import Stage2Module
@@ -161,6 +164,11 @@ def _run(cfg: DictConfig, t0: float) -> int:
     trainer_kwargs.update(accelerator=accelerator, precision=precision)
     trainer = L.Trainer(**trainer_kwargs, callbacks=[writer, bar])
     module = Stage2Module(model, compile=bool(cfg.compile))
+    # Lightning's notes about our own sampler and transfer hook are expected; set after terratorch's
+    # import, which resets warning filters.
+    for pattern in (".*custom batch sampler.*", ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
+                    ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=pattern)
     try:
         trainer.predict(module, datamodule=dm, return_predictions=False)
     finally:
