@@ -85,6 +85,8 @@ def plan(cfg: DictConfig) -> tuple[Path, Path, list[Path], list[Path], int]:
         raise RunError("input_dir is not set: pass input_dir=DIR (or aoi=NAME with data_root=DIR)")
     if cfg.output_dir is None:
         raise RunError("output_dir is not set: pass output_dir=DIR (or aoi=NAME with data_root=DIR)")
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise RunError("checkpoint is not set: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
     input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
     ckpt = Path(cfg.checkpoint).expanduser()
     if not ckpt.is_file():
