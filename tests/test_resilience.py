@@ -140,3 +140,25 @@ def test_nothing_to_do_path_imports_no_torch(tmp_path, tiny_ckpt):
             % (tiny_ckpt, inp, out))
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert "LIGHT" in r.stdout and "nothing to do" in r.stdout, r.stderr[-2000:]
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, tiny_model, monkeypatch, caplog):
+    from stage2.data import collate
+    from stage2.module import Stage2Module
+    from stage2.tiles import Tile
+
+    def broken_compile(fn, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("Compiler: cc not found (test double)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    module = Stage2Module(tiny_model, compile=True)
+    module.setup("predict")
+    arr = np.random.default_rng(0).random((4, 40, 40), dtype=np.float32)
+    batch = collate([Tile("a", None, arr, {}, 6, 0)], 16)
+    with caplog.at_level(logging.WARNING, logger="stage2"), torch.inference_mode():
+        pred = module.predict_step(batch, 0)
+        alone = tiny_model(torch.from_numpy(arr)[None], torch.tensor([6]), torch.tensor([0]))[0].numpy()
+    assert "torch.compile failed (Compiler: cc not found" in caplog.text
+    assert np.abs(pred.outputs[0] - alone).max() <= 1e-6 and module._compiled is None

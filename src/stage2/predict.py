@@ -132,7 +132,6 @@ def _run(cfg: DictConfig, t0: float) -> int:
     import warnings
 
     import lightning as L
-    import torch
 
     logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
     from .checkpoint import CheckpointError, load_model
@@ -147,8 +146,6 @@ def _run(cfg: DictConfig, t0: float) -> int:
         raise RunError(str(e)) from None
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
-    if accelerator == "cpu" and cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
 
     dm = TileDataModule(todo, input_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=cfg.pin_memory, patch_size=model.patch_size)
