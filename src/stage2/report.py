@@ -349,6 +349,8 @@ def make_report(input_dir: Path, output_dir: Path, report_dir: Path, max_tiles: 
         if not d.is_dir():
             what = "does not exist" if not d.exists() else "is not a directory"
             raise ReportError(f"{label} {d} {what}: pass {label}=DIR of the Stage 2 run to report on")
+    if not discover(input_dir, recursive)[0]:
+        raise ReportError(f"No NPZ tiles found in {input_dir}: point input_dir at the Stage 1 tiles the run read")
     if max_tiles < 0:
         raise ReportError(f"max_tiles={max_tiles}: pass 0 or more")
     try:
