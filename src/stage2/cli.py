@@ -116,6 +116,9 @@ def to_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _is_yaml_profile(value: str) -> bool:
+    """A profile name wins; anything else that names a file (or looks like YAML) is a YAML profile."""
+    if value in profile_names():
+        return False
     return value.endswith((".yaml", ".yml")) or Path(value).expanduser().is_file()
 
 
@@ -157,7 +160,8 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
         if profile is not None:
             cfg.hydra.runtime.choices.hardware = str(Path(args.config).expanduser())
         # What .hydra/overrides.yaml records: every flag as the override it stands for.
-        cfg.hydra.overrides.task = [*overrides, f"checkpoint={args.checkpoint}", f"input_dir={args.input_dir}",
+        task = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        cfg.hydra.overrides.task = [*task, f"checkpoint={args.checkpoint}", f"input_dir={args.input_dir}",
                                     f"output_dir={args.output_dir}"] + (
             [f"hardware={args.config}"] if profile is not None else [])
     return cfg
