@@ -121,7 +121,7 @@ def run(cfg: DictConfig, outcome: dict[str, Any] | None = None) -> int:
         if cfg.get("verbose"):
             raise
         print(f"stage2: error: {e}", file=sys.stderr)
-        log.error("%s", e)
+        log.info("run-level error: %s", e)   # the log file; the console got the line above
         return 2
 
 
