@@ -23,6 +23,7 @@ demo: install
 	$(PY) scripts/make_demo_checkpoint.py $(DEMO_OUT)/checkpoint.pt
 	$(PY) -m stage2.predict hardware=cpu checkpoint=$(DEMO_OUT)/checkpoint.pt \
 		input_dir=examples/demo_aoi output_dir=$(DEMO_OUT)/opt_v2 skip_existing=false
+	$(PY) -m stage2.report input_dir=examples/demo_aoi output_dir=$(DEMO_OUT)/opt_v2
 
 bench: install
 	$(PY) benchmarks/bench_predict.py

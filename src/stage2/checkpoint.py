@@ -56,10 +56,12 @@ def _read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "GLOBAL" in ln),
+                      str(e).splitlines()[0] if str(e) else "")
         raise CheckpointError(
-            f"checkpoint {path} is not a safe Stage 2 checkpoint: it holds objects that loading with "
-            f"weights_only=True refuses (the file was NOT executed; {str(e).splitlines()[0][:160]}). "
-            "Re-save it with stage2.save_checkpoint") from None
+            f"checkpoint {path} is not a safe Stage 2 checkpoint: weights-only loading refused it "
+            f"({detail[:160]}); it is damaged, not a PyTorch file, or a pickle that could run code "
+            "(nothing in it was executed). Use a checkpoint written by stage2.save_checkpoint") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'empty'}): "
@@ -72,9 +74,13 @@ def _unpack(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         if raw.get(MARKER) != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {path} has Stage 2 format {raw.get(MARKER)!r}, this stage2 "
                                   f"reads format {FORMAT_VERSION}: upgrade stage2")
+        if not isinstance(raw.get("model_config"), dict) or not isinstance(raw["state_dict"], dict):
+            raise CheckpointError(f"checkpoint {path} is a damaged Stage 2 checkpoint (no model_config or "
+                                  "state_dict): re-save it with stage2.save_checkpoint")
         return dict(raw["model_config"]), raw["state_dict"]
     hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if isinstance(hp, dict) and hp.get(MARKER) is not None and isinstance(raw.get("state_dict"), dict):
+    if isinstance(hp, dict) and hp.get(MARKER) is not None and isinstance(raw.get("state_dict"), dict) \
+            and isinstance(hp.get("model_config"), dict):
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
         return dict(hp["model_config"]), state

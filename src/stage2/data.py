@@ -133,6 +133,8 @@ class TileDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.patch_size = int(patch_size)
         self._keys: list[Hashable] | None = None
+        # With fewer batches than devices some ranks get none; that is fine (see TileWriter.setup).
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def bucket_keys(self) -> list[Hashable]:
         """Padded sizes from the NPZ headers (no pixel data is read)."""

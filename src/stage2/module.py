@@ -39,16 +39,26 @@ class Stage2Module(L.LightningModule):
         super().__init__()
         self.model = model
         self.compile = compile
-        self._forward = model.forward_padded
+        self._compiled = None
         self._cpu_model: nn.Module | None = None
 
     def setup(self, stage: str) -> None:
         if self.compile:
+            # torch.compile is lazy: failures (no C++ tool chain, unsupported op) show up at the first call,
+            # where _forward catches them and falls back to eager.
+            self._compiled = torch.compile(self.model.forward_padded, dynamic=False)
+
+    def _forward(self, x: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
             try:
-                self._forward = torch.compile(self.model.forward_padded, dynamic=False)
-            except Exception as e:  # no compiler tool chain, unsupported platform, ...
-                log.warning("torch.compile is not available here (%s): running eagerly", e)
-                self._forward = self.model.forward_padded
+                return self._compiled(x, month, biome)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                log.warning("torch.compile failed (%s): running eagerly", first)
+                self._compiled = None
+        return self.model.forward_padded(x, month, biome)
 
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
         return batch.to(device, non_blocking=device.type == "cuda")

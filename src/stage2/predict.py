@@ -61,7 +61,7 @@ def resolve_accelerator(cfg: DictConfig) -> str:
     wanted = str(cfg.trainer.accelerator).lower()
     if wanted in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RunError(f"trainer.accelerator={wanted} was asked for, but CUDA is not available on this machine: "
-                       "use hardware=cpu (or trainer.accelerator=cpu)")
+                       "use hardware=cpu or trainer.accelerator=cpu (stage2-infer: --device cpu)")
     if wanted == "auto":
         if torch.cuda.is_available():
             return "gpu"
@@ -85,6 +85,8 @@ def plan(cfg: DictConfig) -> tuple[Path, Path, list[Path], list[Path], int]:
         raise RunError("input_dir is not set: pass input_dir=DIR (or aoi=NAME with data_root=DIR)")
     if cfg.output_dir is None:
         raise RunError("output_dir is not set: pass output_dir=DIR (or aoi=NAME with data_root=DIR)")
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise RunError("checkpoint is not set: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
     input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
     ckpt = Path(cfg.checkpoint).expanduser()
     if not ckpt.is_file():
@@ -104,34 +106,45 @@ def plan(cfg: DictConfig) -> tuple[Path, Path, list[Path], list[Path], int]:
     return input_dir, output_dir, todo, ignored, len(files) - len(todo)
 
 
-def run(cfg: DictConfig) -> int:
-    """One Stage 2 run; returns the exit code (0 ok, 1 some tiles failed, 2 run-level error)."""
+def run(cfg: DictConfig, outcome: dict[str, Any] | None = None) -> int:
+    """One Stage 2 run; returns the exit code (0 ok, 1 some tiles failed, 2 run-level error).
+
+    `outcome`, when given, is filled with what a sweep report needs (the summary's counts, the
+    error, or how many tiles were already done), so it never has to trust an older summary file.
+    """
     t0 = time.perf_counter()
+    outcome = {} if outcome is None else outcome
     try:
-        return _run(cfg, t0)
+        return _run(cfg, t0, outcome)
     except RunError as e:
+        outcome["error"] = str(e)
         if cfg.get("verbose"):
             raise
         print(f"stage2: error: {e}", file=sys.stderr)
-        log.error("%s", e)
+        log.info("run-level error: %s", e)   # the log file; the console got the line above
         return 2
 
 
-def _run(cfg: DictConfig, t0: float) -> int:
+def _run(cfg: DictConfig, t0: float, outcome: dict[str, Any]) -> int:
     input_dir, output_dir, todo, ignored, done = plan(cfg)
+    outcome["output_dir"] = str(output_dir)
     if not todo:
         remove_stale_temporaries(output_dir)
         msg = f"nothing to do: {done} tiles already done in {output_dir}"
         print(msg)
         log.info(msg)
+        outcome["nothing_to_do"] = done
         return 0
 
     # Heavy imports only from here on.
-    import lightning as L
-    import torch
+    import warnings
 
+    import lightning as L
+
+    logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
     from .checkpoint import CheckpointError, load_model
     from .data import TileDataModule
+    from .distributed import distributed_scope
     from .module import Stage2Module
     from .progress import TileProgressBar
     from .writer import TileWriter, first_failures
@@ -142,8 +155,6 @@ def _run(cfg: DictConfig, t0: float) -> int:
         raise RunError(str(e)) from None
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
-    if accelerator == "cpu" and cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
 
     dm = TileDataModule(todo, input_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=cfg.pin_memory, patch_size=model.patch_size)
@@ -161,14 +172,22 @@ def _run(cfg: DictConfig, t0: float) -> int:
     trainer_kwargs.update(accelerator=accelerator, precision=precision)
     trainer = L.Trainer(**trainer_kwargs, callbacks=[writer, bar])
     module = Stage2Module(model, compile=bool(cfg.compile))
-    try:
-        trainer.predict(module, datamodule=dm, return_predictions=False)
-    finally:
-        writer.close()
-
-    records, failures, tiles_per_s = writer.gathered(trainer)
+    # Lightning's notes about our own sampler and transfer hook are expected; set after terratorch's
+    # import, which resets warning filters.
+    for pattern in (".*custom batch sampler.*", ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
+                    ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    with distributed_scope():      # DDP children, env and process group live as long as this run
+        try:
+            trainer.predict(module, datamodule=dm, return_predictions=False)
+        finally:
+            writer.close()
+        records, failures, tiles_per_s = writer.gathered(trainer)
+    outcome["rank"] = trainer.global_rank
     if not trainer.is_global_zero:
-        return 1 if failures else 0
+        # Rank 0 reports the run and sets its exit code. A non-zero exit here would make
+        # Lightning's process observer SIGKILL rank 0 before it writes the summary.
+        return 0
     device = str(module.device) if trainer.world_size == 1 else f"{module.device.type} x {trainer.world_size}"
     from .summary import quality_summary
     summary = RunSummary(
@@ -182,6 +201,7 @@ def _run(cfg: DictConfig, t0: float) -> int:
         quality=quality_summary(records) if cfg.quality else None, stage2_version=__version__,
     )
     summary.save(output_dir)
+    outcome["summary"] = summary.to_json()
     text = summary.format()
     print(text)
     log.info("\n%s", text)
@@ -189,16 +209,24 @@ def _run(cfg: DictConfig, t0: float) -> int:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> int:
+def main(cfg: DictConfig) -> int | dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    code = run(cfg)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return code          # the sweep callback reports every AOI and sets the exit code
-    if code:
-        sys.exit(code)
-    return code
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        code = run(cfg)
+        if code:
+            sys.exit(code)
+        return code
+    # One AOI of a sweep: never stop the sweep (no sys.exit, no exception out of here); hand the
+    # outcome to stage2.sweep.SweepReport, which prints a line per AOI and sets the exit code.
+    outcome: dict[str, Any] = {"aoi": cfg.get("aoi"), "input_dir": cfg.get("input_dir")}
+    try:
+        outcome["code"] = run(cfg, outcome)
+    except Exception as e:  # a bug or an unexpected error in this AOI: log it, go on with the others
+        log.exception("this AOI stopped with an unexpected error")
+        outcome.update(code=1, error=f"unexpected {type(e).__name__}: {e} (traceback in the job log)")
+    return outcome
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class TileProgressBar(TQDMProgressBar):
@@ -16,10 +18,9 @@ class TileProgressBar(TQDMProgressBar):
         self._total_tiles = total_tiles
         self._done = 0
 
-    def init_predict_tqdm(self):
-        bar = super().init_predict_tqdm()
-        bar.unit = "tile"
-        return bar
+    def init_predict_tqdm(self) -> Tqdm:
+        return Tqdm(desc="stage2", unit="tile", position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0.3)
 
     def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -18,44 +18,81 @@ from scipy import ndimage
 NDVI_RMSE_TARGET = 0.05          # ndvi_rmse below this is good
 EDGE_PRESERVATION_TARGET = 0.90  # edge_preservation above this is good
 EPS = 1e-8
+# A Sobel magnitude whose standard deviation is below this (reflectance units) has no edges to
+# compare: Sentinel-2 is quantised at 1e-4, so anything smaller is float round-off, and Pearson's r
+# of round-off is noise. Such tiles get edge_preservation = None (JSON null) and are counted as flat.
+FLAT_STD = 1e-6
 RED, NIR = 2, 3                  # band indices in [B02, B03, B04, B08]
 
 
+def _float(a: np.ndarray) -> np.ndarray:
+    """float32 for tiles (their own precision: twice as fast as float64 and equal to ~1e-9 in the
+    metrics); float64 input stays float64."""
+    a = np.asarray(a)
+    return a if a.dtype == np.float64 else a.astype(np.float32, copy=False)
+
+
 def ndvi(opt: np.ndarray) -> np.ndarray:
-    """(NIR - Red) / (NIR + Red) per pixel of a (4, H, W) tile; 0 where both are 0."""
-    opt = np.asarray(opt, dtype=np.float64)
+    """(NIR - Red) / (NIR + Red + 1e-8) per pixel of a (4, H, W) tile; 0 where both are 0."""
+    opt = _float(opt)
     nir, red = opt[NIR], opt[RED]
     return (nir - red) / (nir + red + EPS)
 
 
 def ndvi_rmse(v1: np.ndarray, v2: np.ndarray) -> float:
-    """Root-mean-square difference of the two tiles' NDVI."""
-    return float(np.sqrt(np.mean((ndvi(v1) - ndvi(v2)) ** 2)))
+    """Root-mean-square difference of the two tiles' NDVI (the mean is accumulated in float64)."""
+    d = ndvi(v1) - ndvi(v2)
+    return float(np.sqrt(np.mean(d * d, dtype=np.float64)))
 
 
 def sobel_magnitude(band: np.ndarray) -> np.ndarray:
-    band = np.asarray(band, dtype=np.float64)
+    """Gradient magnitude hypot(sobel axis 0, sobel axis 1) of one (H, W) band (scipy.ndimage.sobel)."""
+    band = _float(band)
     return np.hypot(ndimage.sobel(band, axis=0), ndimage.sobel(band, axis=1))
 
 
 def edge_preservation(v1: np.ndarray, v2: np.ndarray) -> float | None:
-    """Pearson r of the NIR Sobel magnitudes; None where either is constant (r is undefined)."""
-    a = sobel_magnitude(np.asarray(v1)[NIR]).ravel()
-    b = sobel_magnitude(np.asarray(v2)[NIR]).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = math.sqrt(float(a @ a) * float(b @ b))
-    if denom < 1e-12:
+    """Pearson r of the NIR Sobel magnitudes of the two tiles.
+
+    None where either magnitude is flat (std < FLAT_STD): r is 0/0 there, and NaN must never reach
+    a JSON file.
+    """
+    a = sobel_magnitude(np.asarray(v1)[NIR]).ravel().astype(np.float64)
+    b = sobel_magnitude(np.asarray(v2)[NIR]).ravel().astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    # einsum, not a @ b: BLAS may start its own threads for a dot this long, which only
+    # competes with the model for cores (this runs in the writer threads during inference).
+    saa, sbb, sab = (float(np.einsum("i,i->", x, y)) for x, y in ((a, a), (b, b), (a, b)))
+    if min(saa, sbb) < a.size * FLAT_STD**2:
         return None
-    return float(np.clip((a @ b) / denom, -1.0, 1.0))
+    return float(np.clip(sab / math.sqrt(saa * sbb), -1.0, 1.0))
 
 
 def tile_quality(v1: np.ndarray, v2: np.ndarray) -> dict[str, float | None]:
-    """The per-tile `quality` object of the output JSON."""
+    """The per-tile `quality` object of the output JSON (plain floats or None: JSON-safe)."""
     return {"ndvi_rmse": ndvi_rmse(v1, v2), "edge_preservation": edge_preservation(v1, v2)}
 
 
 def below_target(q: dict[str, float | None]) -> bool:
-    """True when a tile misses either target (an undefined metric does not count as missing)."""
+    """True when a tile misses either target (an undefined metric does not count as missing).
+
+    Missing means ndvi_rmse >= 0.05 or edge_preservation <= 0.90: the targets are strict.
+    """
     r, e = q.get("ndvi_rmse"), q.get("edge_preservation")
     return (r is not None and r >= NDVI_RMSE_TARGET) or (e is not None and e <= EDGE_PRESERVATION_TARGET)
+
+
+def severity(q: dict[str, float | None]) -> float:
+    """How far a tile is from its targets, for "worst first" ordering: > 1 means below target.
+
+    max(ndvi_rmse / 0.05, (1 - edge_preservation) / (1 - 0.90)); an undefined metric adds
+    nothing, and a tile with no defined metric sorts last (-1).
+    """
+    parts = []
+    r, e = q.get("ndvi_rmse"), q.get("edge_preservation")
+    if r is not None:
+        parts.append(r / NDVI_RMSE_TARGET)
+    if e is not None:
+        parts.append((1.0 - e) / (1.0 - EDGE_PRESERVATION_TARGET))
+    return max(parts) if parts else -1.0

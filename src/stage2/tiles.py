@@ -207,7 +207,18 @@ def peek_shape(path: Path) -> tuple[int, ...] | None:
 def _load_array(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise TileError("empty file (0 bytes)", "Stage 1 did not finish this tile: regenerate it")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise TileError(f"cannot read the file: {e.strerror}", "check the file's permissions") from None
     if not zipfile.is_zipfile(path):
+        if head.startswith(b"PK"):
+            raise TileError("truncated or damaged NPZ (the zip directory is missing)",
+                            "the file was cut short, e.g. by a full disk or a killed Stage 1 job: regenerate it")
+        if head.startswith(b"\x93NUMPY"):
+            raise TileError("a single .npy array saved under a .npz name",
+                            f"save tiles with numpy.savez(path, {INPUT_KEY}=array)")
         raise TileError("not an NPZ file (not a zip archive)",
                         f"save tiles with numpy.savez(path, {INPUT_KEY}=array)")
     try:

@@ -48,12 +48,17 @@ class TileWriter(BasePredictionWriter):
         self._futures: list[Future] = []
 
     # ------------------------------------------------------------------ lifecycle
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Here, not in on_predict_start: every rank calls setup, but a rank that got no batch
+        # (fewer batches than devices) skips the predict loop and its hooks, so a barrier there
+        # would wait forever. Rank 0 cleans up before any rank can write.
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.output_dir)
             (self.output_dir / FAILURES_FILE).unlink(missing_ok=True)  # this run lists its own failures
-        trainer.strategy.barrier("stage2-writer-start")
+        trainer.strategy.barrier("stage2-writer-setup")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="stage2-writer")
         self._slots = threading.BoundedSemaphore(2 * self.threads)
         self.batch_marks = [(time.perf_counter(), 0)]

@@ -1,0 +1,121 @@
+"""The report's figures: one comparison PNG per tile and the quality histograms (SPEC 7).
+
+Uses matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas) rather than pyplot, so no
+global backend is switched, nothing needs a display, and figures are freed as soon as they are
+saved. matplotlib is imported here only: `import stage2` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, ndvi
+
+RGB_GAIN = 2.0          # the guide's display stretch: reflectance x 2, clipped to [0, 1]
+DARK = 0.1              # a tile whose x2 display has its 99th percentile below this looks black
+DPI = 100
+BAD = "#b00020"         # below-target red, shared with the HTML page
+
+
+def rgb(opt: np.ndarray, gain: float = RGB_GAIN) -> np.ndarray:
+    """(H, W, 3) display image of a (4, H, W) tile as the guide makes it: R=B04, G=B03, B=B02, x2, clipped."""
+    opt = np.asarray(opt, dtype=np.float32)
+    return np.clip(np.stack([opt[2], opt[1], opt[0]], axis=-1) * gain, 0.0, 1.0)
+
+
+def display_gain(v1: np.ndarray) -> float:
+    """The guide's x2, or for a very dark tile (water, shadow) a stronger gain so it is not black.
+
+    Taken from opt_v1 alone and used for both panels, so they stay comparable.
+    """
+    p99 = float(np.percentile(np.asarray(v1)[:3], 99))
+    if p99 * RGB_GAIN >= DARK or p99 <= 0:
+        return RGB_GAIN
+    return 0.9 / p99
+
+
+def _metric_text(rmse: float | None, edge: float | None) -> str:
+    r = "n/a" if rmse is None else f"{rmse:.4f}"
+    e = "n/a (flat)" if edge is None else f"{edge:.3f}"
+    return (f"NDVI RMSE {r} (target < {NDVI_RMSE_TARGET:.2f})   "
+            f"edge preservation {e} (target > {EDGE_PRESERVATION_TARGET:.2f})")
+
+
+def tile_figure(path: Path, name: str, v1: np.ndarray, v2: np.ndarray, month: object, biome: object,
+                rmse: float | None, edge: float | None, below: bool) -> Path:
+    """Write `opt_v1 RGB | opt_v2 RGB | NDVI(opt_v2) - NDVI(opt_v1)` for one tile to `path`."""
+    from matplotlib.figure import Figure
+
+    h, w = v1.shape[1:]
+    diff = (ndvi(v2) - ndvi(v1)).astype(np.float32)
+    # Symmetric scale: at least the NDVI target, so a tile within target looks pale, and wide
+    # enough for its largest changes (99.5th percentile, so one hot pixel does not wash it out).
+    lim = max(NDVI_RMSE_TARGET, float(np.percentile(np.abs(diff), 99.5)))
+
+    panel_w = 4.2 * min(max(w / h, 0.5), 2.0)            # keep very long tiles readable
+    fig = Figure(figsize=(2 * panel_w + 5.2, 5.0), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.18]})
+    gain = display_gain(v1)
+    axes[0].imshow(rgb(v1, gain), interpolation="nearest")
+    axes[0].set_title(f"opt_v1 (Stage 1)  {h}x{w} px", fontsize=11)
+    axes[1].imshow(rgb(v2, gain), interpolation="nearest")
+    axes[1].set_title("opt_v2 (Stage 2)", fontsize=11)
+    im = axes[2].imshow(diff, cmap="BrBG", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[2].set_title("NDVI difference", fontsize=11)
+    cbar = fig.colorbar(im, ax=axes[2], shrink=0.9, pad=0.02)
+    cbar.set_label("NDVI(opt_v2) - NDVI(opt_v1)\n(green: more vegetation signal)", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    stretch = ("x2 brightness" if gain == RGB_GAIN else
+               f"x{gain:.0f} brightness (too dark for x2)")
+    axes[0].set_xlabel(f"RGB = B04, B03, B02, {stretch}", fontsize=9, color="black" if gain == RGB_GAIN else BAD)
+    axes[1].set_xlabel(f"RGB = B04, B03, B02, {stretch}", fontsize=9, color="black" if gain == RGB_GAIN else BAD)
+    status = "   BELOW TARGET" if below else ""
+    fig.suptitle(f"{name}\nmonth {month}   biome {biome}   {_metric_text(rmse, edge)}{status}",
+                 fontsize=11, color=BAD if below else "black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def summary_figure(path: Path, rmse: list[float], edge: list[float], n_tiles: int, n_flat: int) -> Path:
+    """Histograms of both metrics over the run's tiles, with the target lines."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.4), dpi=DPI, layout="constrained")
+    ax_r, ax_e = fig.subplots(1, 2)
+    _histogram(ax_r, rmse, NDVI_RMSE_TARGET, f"target < {NDVI_RMSE_TARGET:.2f}",
+               lo=0.0, hi=max([NDVI_RMSE_TARGET * 1.5, *rmse]))
+    ax_r.set_xlabel("NDVI RMSE (opt_v1 vs opt_v2; lower is better)")
+    ax_r.set_title(f"NDVI RMSE: {sum(v >= NDVI_RMSE_TARGET for v in rmse)} of {len(rmse)} tiles "
+                   "miss the target", fontsize=11)
+    _histogram(ax_e, edge, EDGE_PRESERVATION_TARGET, f"target > {EDGE_PRESERVATION_TARGET:.2f}",
+               lo=min([EDGE_PRESERVATION_TARGET - 0.1, *edge]), hi=1.0)
+    ax_e.set_xlabel("edge preservation (Pearson r of NIR Sobel magnitude; higher is better)")
+    flat = f", {n_flat} flat (undefined)" if n_flat else ""
+    ax_e.set_title(f"Edge preservation: {sum(v <= EDGE_PRESERVATION_TARGET for v in edge)} of {len(edge)} "
+                   f"tiles miss the target{flat}", fontsize=11)
+    fig.suptitle(f"Quality of {n_tiles} tiles", fontsize=12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _histogram(ax, values: list[float], target: float, label: str, lo: float, hi: float) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    if hi <= lo:
+        hi = lo + 1e-3
+    if values:
+        ax.hist(values, bins=min(40, max(10, len(values) // 3)), range=(lo, hi), color="#4a7fb0",
+                edgecolor="white")
+    else:
+        ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="grey")
+    ax.axvline(target, color=BAD, linestyle="--", linewidth=1.5, label=label)
+    ax.set_xlim(lo, hi)
+    ax.set_ylabel("tiles")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="upper center")

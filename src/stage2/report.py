@@ -1,0 +1,408 @@
+"""`python -m stage2.report input_dir=... output_dir=... [report_dir=...] [max_tiles=N]` (SPEC 7).
+
+A read-only check of a finished Stage 2 run, and the pictures a person needs to trust it:
+- counts: every input has a complete output and every output has an input (names listed either way,
+  with the failure reason from `_stage2_failures.jsonl` where the run recorded one);
+- every output: JSON an object with the Stage 2 keys and no NaN, NPZ `opt_v2` float32 (4, H, W) with
+  the input's H and W, finite, in [0, 1];
+- per tile quality: from the output JSON, or computed here when the run had `quality=false`;
+- `report_dir/tiles/<name>.png` (worst quality first, up to max_tiles), `quality.png`, `index.html`.
+
+Exit 0 when everything checks out, 1 when counts do not match or an output is invalid (the report is
+still written and says which), 2 for run-level problems (a folder missing) with one line naming it.
+The last line printed is `report: <absolute path>/index.html`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from . import predict as _predict  # noqa: F401  (registers the stage2_aoi_dir resolver used by report.yaml)
+from .quality import below_target, severity, tile_quality
+from .summary import FAILURES_FILE, SUMMARY_FILE
+from .tiles import (N_BANDS, OUTPUT_KEY, TileError, discover, peek_shape, read_tile, tile_name)
+
+INDEX_FILE = "index.html"
+QUALITY_PNG = "quality.png"
+TILES_DIR = "tiles"
+STAGE = "stage2_refined"
+REQUIRED_KEYS = ("stage", "timestamp", "processing")
+SHOW_PROBLEMS = 20          # problems printed on the terminal; index.html lists all
+
+
+class ReportError(Exception):
+    """A run-level problem: one line naming the path; exit code 2."""
+
+
+class OutputInvalid(Exception):
+    """One output that does not meet SPEC 3 (the reason is the message)."""
+
+
+@dataclass
+class TileRow:
+    """One complete, valid output as the table shows it."""
+
+    name: str
+    month: Any
+    biome: Any
+    ndvi_rmse: float | None
+    edge_preservation: float | None
+    quality_from: str                   # "json" (written by the run), "computed" (here) or "none"
+    png: str | None = None              # path relative to report_dir
+
+    @property
+    def quality(self) -> dict[str, float | None]:
+        return {"ndvi_rmse": self.ndvi_rmse, "edge_preservation": self.edge_preservation}
+
+    @property
+    def below(self) -> bool:
+        return below_target(self.quality)
+
+    @property
+    def flat(self) -> bool:
+        return self.quality_from != "none" and self.edge_preservation is None
+
+
+@dataclass
+class Problem:
+    name: str
+    kind: str            # missing output | incomplete output | invalid output | output without input
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.kind}: {self.name}: {self.detail}"
+
+
+@dataclass
+class RunCheck:
+    """Everything the report found; the page and the terminal lines are made from this."""
+
+    input_dir: Path
+    output_dir: Path
+    inputs: int = 0
+    input_paths: dict[str, Path] = field(default_factory=dict)   # tile name -> input NPZ
+    outputs: int = 0                      # complete outputs (JSON and NPZ) that have an input
+    rows: list[TileRow] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)   # unreadable summary/failures files
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# ---------------------------------------------------------------------------- reading
+def _no_nan(const: str) -> float:
+    raise ValueError(f"{const} is not valid JSON")
+
+
+def _load_json(path: Path) -> Any:
+    """Strict JSON (NaN/Infinity rejected, as SPEC 3 forbids them)."""
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_nan)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def output_names(output_dir: Path, recursive: bool, report_dir: Path) -> tuple[set[str], set[str]]:
+    """Names that have an output JSON / NPZ (hidden files, the run's own files and the report excluded)."""
+    pattern = "**/*" if recursive else "*"
+    skip = report_dir.resolve()
+    jsons: set[str] = set()
+    npzs: set[str] = set()
+    for suffix, into in ((".json", jsons), (".npz", npzs)):
+        for p in output_dir.glob(pattern + suffix):
+            rel = p.relative_to(output_dir)
+            if any(part.startswith(".") for part in rel.parts) or rel.as_posix() == SUMMARY_FILE:
+                continue
+            if recursive and p.resolve().is_relative_to(skip):
+                continue
+            if p.is_file():
+                into.add(rel.with_suffix("").as_posix())
+    return jsons, npzs
+
+
+def read_failures(output_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The run's `_stage2_failures.jsonl` (a line that is not a JSON object is kept as its raw text)."""
+    path = output_dir / FAILURES_FILE
+    if not path.is_file():
+        return [], []
+    failures, notes = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            notes.append(f"{FAILURES_FILE} line {i} is not a JSON object: {line[:200]}")
+            entry = {"file": "?", "reason": line[:500], "hint": ""}
+        failures.append(entry)
+    return failures, notes
+
+
+def read_summary(output_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    path = output_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None, []
+    try:
+        data = _load_json(path)
+    except (ValueError, OSError) as e:
+        return None, [f"{SUMMARY_FILE} could not be read: {e}"]
+    if not isinstance(data, dict):
+        return None, [f"{SUMMARY_FILE} holds a JSON {type(data).__name__}, not an object"]
+    return data, []
+
+
+def _failure_for(name: str, failures: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The failure entry whose input path is `<...>/<name>.npz` (paths may be relative to another cwd)."""
+    want = f"{name}.npz"
+    for f in failures:
+        path = Path(str(f.get("file", ""))).as_posix()
+        if path == want or path.endswith("/" + want):
+            return f
+    return None
+
+
+def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | None) -> tuple[dict[str, Any], np.ndarray]:
+    """Validate one complete output against SPEC 3; return its metadata and opt_v2."""
+    js, npz = output_dir / f"{name}.json", output_dir / f"{name}.npz"
+    try:
+        meta = _load_json(js)
+    except UnicodeDecodeError:
+        raise OutputInvalid(f"{js.name} is not UTF-8 text") from None
+    except ValueError as e:
+        raise OutputInvalid(f"{js.name} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise OutputInvalid(f"{js.name} holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise OutputInvalid(f"{js.name} lacks {', '.join(missing)}")
+    if meta["stage"] != STAGE:
+        raise OutputInvalid(f"{js.name} has stage {meta['stage']!r}, expected {STAGE!r}")
+    q = meta.get("quality")
+    if q is not None:
+        if not isinstance(q, dict):
+            raise OutputInvalid(f"{js.name}: quality is a {type(q).__name__}, not an object")
+        for key, ok in (("ndvi_rmse", lambda v: v >= 0), ("edge_preservation", lambda v: -1 <= v <= 1)):
+            v = q.get(key)
+            if v is not None and not (_is_number(v) and ok(v)):
+                raise OutputInvalid(f"{js.name}: quality.{key} is {v!r}")
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            if OUTPUT_KEY not in data.files:
+                raise OutputInvalid(f"{npz.name} has no '{OUTPUT_KEY}' array (keys: {list(data.files)})")
+            v2 = data[OUTPUT_KEY]
+    except OutputInvalid:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise OutputInvalid(f"{npz.name} is unreadable: {type(e).__name__}: {e}") from None
+    if v2.dtype != np.float32:
+        raise OutputInvalid(f"{npz.name}: {OUTPUT_KEY} is {v2.dtype}, expected float32")
+    if v2.ndim != 3 or v2.shape[0] != N_BANDS:
+        raise OutputInvalid(f"{npz.name}: {OUTPUT_KEY} has shape {v2.shape}, expected ({N_BANDS}, H, W)")
+    if input_shape is not None and len(input_shape) == 3 and tuple(v2.shape[1:]) != tuple(input_shape[1:]):
+        raise OutputInvalid(f"{npz.name}: {OUTPUT_KEY} is {v2.shape[1]}x{v2.shape[2]} px, "
+                            f"the input is {input_shape[1]}x{input_shape[2]}")
+    finite = np.isfinite(v2)
+    if not finite.all():
+        raise OutputInvalid(f"{npz.name}: {int(v2.size - finite.sum())} NaN/Inf values")
+    lo, hi = float(v2.min()), float(v2.max())
+    if lo < 0 or hi > 1:
+        raise OutputInvalid(f"{npz.name}: values in [{lo:.4g}, {hi:.4g}], outside [0, 1]")
+    return meta, v2
+
+
+def _quality_of(meta: dict[str, Any], v2: np.ndarray, input_path: Path) -> tuple[dict[str, Any], str]:
+    """The tile's metrics: the run's own (no second computation) or, for quality=false runs, computed."""
+    q = meta.get("quality")
+    if isinstance(q, dict) and "ndvi_rmse" in q and "edge_preservation" in q:
+        return q, "json"
+    try:
+        v1 = read_tile(input_path).array
+    except (TileError, OSError):
+        return {"ndvi_rmse": None, "edge_preservation": None}, "none"
+    return tile_quality(v1, v2), "computed"
+
+
+def check_run(input_dir: Path, output_dir: Path, report_dir: Path, recursive: bool = False) -> RunCheck:
+    """Compare inputs with outputs and validate every output (reads each output once)."""
+    chk = RunCheck(input_dir, output_dir)
+    files, _ = discover(input_dir, recursive)
+    inputs = {tile_name(f, input_dir): f for f in files}
+    jsons, npzs = output_names(output_dir, recursive, report_dir)
+    chk.failures, notes = read_failures(output_dir)
+    chk.summary, notes2 = read_summary(output_dir)
+    chk.notes = notes + notes2
+    chk.inputs = len(inputs)
+    chk.input_paths = inputs
+    for name, path in inputs.items():
+        if name in jsons and name in npzs:
+            try:
+                meta, v2 = check_output(output_dir, name, peek_shape(path))
+            except OutputInvalid as e:
+                chk.problems.append(Problem(name, "invalid output", str(e)))
+                continue
+            chk.outputs += 1
+            q, source = _quality_of(meta, v2, path)
+            chk.rows.append(TileRow(name, meta.get("month"), meta.get("biome_code"), q["ndvi_rmse"],
+                                    q["edge_preservation"], source))
+        elif name in npzs:
+            chk.problems.append(Problem(name, "incomplete output", "NPZ without its JSON (the run was "
+                                        "interrupted): rerun predict with skip_existing=true"))
+        elif name in jsons:
+            chk.problems.append(Problem(name, "incomplete output", "JSON without its NPZ: delete the JSON "
+                                        "and rerun predict with skip_existing=true"))
+        else:
+            f = _failure_for(name, chk.failures)
+            detail = (f"the run failed this tile: {f.get('reason')} ({f.get('hint')})" if f else
+                      "no output and no recorded failure: was predict run over this input_dir? "
+                      "rerun it with skip_existing=true")
+            chk.problems.append(Problem(name, "missing output", detail))
+    for name in sorted((jsons | npzs) - set(inputs)):
+        chk.problems.append(Problem(name, "output without input",
+                                    f"no {name}.npz in {input_dir}: is this the run's input_dir?"))
+    return chk
+
+
+# ---------------------------------------------------------------------------- writing
+def worst_first(rows: list[TileRow]) -> list[TileRow]:
+    return sorted(rows, key=lambda r: (-severity(r.quality), r.name))
+
+
+def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
+    """One comparison PNG per tile, worst quality first, up to max_tiles; returns how many."""
+    from .figures import tile_figure
+
+    tiles_dir = report_dir / TILES_DIR
+    if tiles_dir.is_dir():                 # PNGs of an earlier report would be stale
+        for old in tiles_dir.rglob("*.png"):
+            old.unlink()
+    n = 0
+    for row in worst_first(chk.rows)[:max_tiles]:
+        try:
+            v1 = read_tile(chk.input_paths[row.name]).array
+            with np.load(chk.output_dir / f"{row.name}.npz", allow_pickle=False) as data:
+                v2 = data[OUTPUT_KEY]
+        except (TileError, OSError, KeyError, ValueError) as e:
+            chk.notes.append(f"no figure for {row.name}: {e}")
+            continue
+        rel = f"{TILES_DIR}/{row.name}.png"
+        tile_figure(report_dir / rel, row.name, v1, v2, row.month, row.biome, row.ndvi_rmse,
+                    row.edge_preservation, row.below)
+        row.png = rel
+        n += 1
+    return n
+
+
+def terminal_lines(chk: RunCheck, n_png: int) -> list[str]:
+    """What the report prints (before the final `report:` line)."""
+    rmse = [r.ndvi_rmse for r in chk.rows if r.ndvi_rmse is not None]
+    edge = [r.edge_preservation for r in chk.rows if r.edge_preservation is not None]
+    lines = ["stage2 report",
+             f"  tiles     inputs {chk.inputs}   complete outputs {chk.outputs}   problems {len(chk.problems)}"
+             f"   run failures {len(chk.failures)}"]
+    if rmse or edge:
+        lines.append(f"  quality   NDVI RMSE mean {_mean(rmse)} worst {_fmt(max(rmse, default=None))}   "
+                     f"edge pres. mean {_mean(edge)} worst {_fmt(min(edge, default=None))}")
+        lines.append(f"            {sum(r.below for r in chk.rows)} tiles below target, "
+                     f"{sum(r.flat for r in chk.rows)} flat (edge preservation undefined)")
+    lines.append(f"  figures   {n_png} tile PNGs (worst quality first), {QUALITY_PNG}")
+    for p in chk.problems[:SHOW_PROBLEMS]:
+        lines.append(f"  PROBLEM   {p.line()}")
+    if len(chk.problems) > SHOW_PROBLEMS:
+        lines.append(f"  ... and {len(chk.problems) - SHOW_PROBLEMS} more problems, all listed in {INDEX_FILE}")
+    for note in chk.notes:
+        lines.append(f"  note      {note}")
+    return lines
+
+
+def _mean(v: list[float]) -> str:
+    return _fmt(sum(v) / len(v) if v else None)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def make_report(input_dir: Path, output_dir: Path, report_dir: Path, max_tiles: int = 50,
+                recursive: bool = False) -> tuple[RunCheck, Path, list[str]]:
+    """Check the run and write the report; returns the check, index.html's path and the terminal lines."""
+    from .figures import summary_figure
+    from .report_page import render_index
+
+    for label, d in (("input_dir", input_dir), ("output_dir", output_dir)):
+        if not d.is_dir():
+            what = "does not exist" if not d.exists() else "is not a directory"
+            raise ReportError(f"{label} {d} {what}: pass {label}=DIR of the Stage 2 run to report on")
+    if not discover(input_dir, recursive)[0]:
+        raise ReportError(f"No NPZ tiles found in {input_dir}: point input_dir at the Stage 1 tiles the run read")
+    if max_tiles < 0:
+        raise ReportError(f"max_tiles={max_tiles}: pass 0 or more")
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"report_dir {report_dir} cannot be created: {e.strerror}") from None
+
+    chk = check_run(input_dir, output_dir, report_dir, recursive)
+    n_png = draw_tiles(chk, report_dir, max_tiles)
+    rmse = [r.ndvi_rmse for r in chk.rows if r.ndvi_rmse is not None]
+    edge = [r.edge_preservation for r in chk.rows if r.edge_preservation is not None]
+    summary_figure(report_dir / QUALITY_PNG, rmse, edge, len(chk.rows), sum(r.flat for r in chk.rows))
+    index = report_dir / INDEX_FILE
+    tmp = index.with_name(f".{INDEX_FILE}.tmp")
+    tmp.write_text(render_index(chk, worst_first(chk.rows), QUALITY_PNG, max_tiles), encoding="utf-8")
+    tmp.replace(index)
+    return chk, index.resolve(), terminal_lines(chk, n_png)
+
+
+def run(cfg: DictConfig) -> int:
+    """One report; returns the exit code (0 all good, 1 counts/outputs wrong, 2 run-level error)."""
+    try:
+        if cfg.input_dir is None:
+            raise ReportError("input_dir is not set: pass input_dir=DIR (the Stage 1 tiles the run read)")
+        if cfg.output_dir is None:
+            raise ReportError("output_dir is not set: pass output_dir=DIR (the Stage 2 run's output_dir)")
+        try:
+            max_tiles = int(cfg.max_tiles)
+        except (TypeError, ValueError):
+            raise ReportError(f"max_tiles={cfg.max_tiles!r} is not a whole number") from None
+        chk, index, lines = make_report(Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser(),
+                                        Path(cfg.report_dir).expanduser(), max_tiles, bool(cfg.recursive))
+    except ReportError as e:
+        if cfg.get("verbose"):
+            raise
+        print(f"stage2 report: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print(f"report: {index}", flush=True)
+    return 0 if chk.ok else 1
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="report")
+def main(cfg: DictConfig) -> int:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    code = run(cfg)
+    if code and HydraConfig.get().mode != RunMode.MULTIRUN:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The quality metrics of SPEC 7 against values worked out by hand, and the run summary's figures."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from stage2.quality import (EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, below_target, edge_preservation, ndvi,
+                            ndvi_rmse, severity, tile_quality)
+from stage2.summary import RunSummary, TileRecord, quality_summary
+
+
+def _tile(red, nir, h=10, w=10):
+    """A (4, H, W) tile with the given Red (B04) and NIR (B08) planes; B02/B03 at 0.1."""
+    t = np.full((4, h, w), 0.1, np.float32)
+    t[2] = red
+    t[3] = nir
+    return t
+
+
+def test_targets_are_the_guides():
+    assert NDVI_RMSE_TARGET == 0.05 and EDGE_PRESERVATION_TARGET == 0.90
+
+
+def test_ndvi_by_hand():
+    t = _tile(0.1, 0.5, 2, 2)
+    t[2, 0, 0] = t[3, 0, 0] = 0.0            # both 0: defined as 0, not NaN
+    t[2, 1, 1], t[3, 1, 1] = 0.3, 0.1         # red above NIR: negative
+    v = ndvi(t)
+    assert v.shape == (2, 2)
+    assert v[0, 1] == pytest.approx(0.4 / 0.6, abs=1e-7)    # (0.5 - 0.1) / (0.5 + 0.1)
+    assert v[0, 0] == 0.0
+    assert v[1, 1] == pytest.approx(-0.5, abs=1e-7)         # (0.1 - 0.3) / 0.4
+
+
+def test_ndvi_rmse_by_hand():
+    v1 = _tile(0.2, 0.6)                    # NDVI 0.5 everywhere
+    assert ndvi_rmse(v1, v1) == 0.0
+    v2 = v1.copy()
+    v2[2, :, :5] = 0.3
+    v2[3, :, :5] = 0.3                      # NDVI 0 on half the pixels
+    # sqrt(mean of (0.5^2 on half, 0 on half)) = sqrt(0.125)
+    assert ndvi_rmse(v1, v2) == pytest.approx(math.sqrt(0.125), abs=1e-6)
+    assert ndvi_rmse(v2, v1) == pytest.approx(ndvi_rmse(v1, v2))
+
+
+def test_edge_preservation_by_hand():
+    # A vertical NIR step at column 5 of a 10x10 tile. Sobel along columns: 4 * (f[c+1] - f[c-1]),
+    # so magnitude 4 on columns 4 and 5, 0 elsewhere (reflect mode adds nothing at the borders).
+    step5 = np.zeros((10, 10))
+    step5[:, 5:] = 1.0
+    step6 = np.zeros((10, 10))
+    step6[:, 6:] = 1.0                      # edge moved one pixel: magnitude on columns 5 and 6
+    v1, v2 = _tile(0.1, step5), _tile(0.1, step6)
+    # Two binary masks, each on 20 % of pixels, overlapping on 10 %:
+    # r = (0.1 - 0.2 * 0.2) / (0.2 * 0.8) = 0.375
+    assert edge_preservation(v1, v2) == pytest.approx(0.375, abs=1e-9)
+    assert edge_preservation(v1, v1) == pytest.approx(1.0)
+    # Pearson is scale-free: a half-contrast copy of the same edge preserves it fully.
+    assert edge_preservation(v1, _tile(0.1, 0.5 * step5)) == pytest.approx(1.0)
+    # Only the NIR band counts: changing the blue band changes nothing.
+    v3 = v1.copy()
+    v3[0] = np.random.default_rng(0).random((10, 10))
+    assert edge_preservation(v1, v3) == pytest.approx(1.0)
+
+
+def test_flat_tiles_give_null_never_nan():
+    flat = _tile(0.2, 0.4, 32, 32)
+    edged = flat.copy()
+    edged[3, :, 16:] = 0.8
+    for a, b in ((flat, flat), (flat, edged), (edged, flat)):
+        q = tile_quality(a, b)
+        assert q["edge_preservation"] is None
+        assert q["ndvi_rmse"] is not None and math.isfinite(q["ndvi_rmse"])
+        text = json.dumps(q, allow_nan=False)           # would raise on NaN
+        assert '"edge_preservation": null' in text
+    # All-zero tile: NDVI defined as 0, RMSE 0.
+    zero = np.zeros((4, 16, 16), np.float32)
+    assert tile_quality(zero, zero) == {"ndvi_rmse": 0.0, "edge_preservation": None}
+    # Round-off-sized wiggles are still flat.
+    wiggle = flat.copy()
+    wiggle[3, 0, 0] += 1e-8
+    assert edge_preservation(wiggle, wiggle) is None
+
+
+def test_below_target_and_severity():
+    assert not below_target({"ndvi_rmse": 0.049, "edge_preservation": 0.91})
+    assert below_target({"ndvi_rmse": 0.05, "edge_preservation": 0.99})     # strict: < 0.05
+    assert below_target({"ndvi_rmse": 0.01, "edge_preservation": 0.90})     # strict: > 0.90
+    assert not below_target({"ndvi_rmse": 0.01, "edge_preservation": None})  # flat: not a miss
+    assert severity({"ndvi_rmse": 0.1, "edge_preservation": 0.95}) == pytest.approx(2.0)
+    assert severity({"ndvi_rmse": 0.01, "edge_preservation": 0.70}) == pytest.approx(3.0)
+    assert severity({"ndvi_rmse": 0.025, "edge_preservation": None}) == pytest.approx(0.5)
+    assert severity({"ndvi_rmse": None, "edge_preservation": None}) == -1.0
+
+
+def test_quality_summary_mean_worst_counts():
+    recs = [TileRecord("a", False, False, False, 0.01, 0.99),
+            TileRecord("b", False, False, False, 0.08, 0.95),     # NDVI miss, worst RMSE
+            TileRecord("c", False, False, False, 0.03, 0.60),     # edge miss, worst edge
+            TileRecord("flat", False, False, False, 0.00, None)]  # undefined edge
+    q = quality_summary(recs)
+    assert q["tiles"] == 4 and q["below_target"] == 2 and q["undefined"] == 1
+    assert q["ndvi_rmse"]["mean"] == pytest.approx(0.03)
+    assert (q["ndvi_rmse"]["worst"], q["ndvi_rmse"]["worst_tile"]) == (0.08, "b")
+    assert q["edge_preservation"]["mean"] == pytest.approx((0.99 + 0.95 + 0.60) / 3)
+    assert (q["edge_preservation"]["worst"], q["edge_preservation"]["worst_tile"]) == (0.60, "c")
+    text = json.dumps(q, allow_nan=False)
+    assert "NaN" not in text
+    s = RunSummary(processed=4, quality=q).format()
+    assert "2 tiles below target, 1 undefined (flat)" in s and "(b)" in s and "(c)" in s
+
+
+def test_quality_summary_all_flat_is_null():
+    q = quality_summary([TileRecord("flat", False, False, False, 0.0, None)])
+    assert q["edge_preservation"]["mean"] is None and q["edge_preservation"]["worst_tile"] is None
+    json.dumps(q, allow_nan=False)
