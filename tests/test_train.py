@@ -197,12 +197,24 @@ def test_train_cli_writes_checkpoints_that_load_and_predict(tmp_path):
     assert np.abs(expect[0].numpy() - v2).max() <= 1e-5
 
 
-def test_train_cli_says_what_is_wrong_with_its_inputs(tmp_path):
+def test_train_cli_says_what_is_wrong_with_its_inputs(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from stage2.model import CONF_DIR
+    from stage2.train import run
+
     r = run_cli(["hardware=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, module="stage2.train")
     assert r.returncode == 2 and "no training data" in r.stderr
-    r = run_cli(["hardware=cpu", f"optical_dir={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                cwd=tmp_path, module="stage2.train")
-    assert r.returncode == 2 and "does not exist" in r.stderr and "nope" in r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.savez(bad / "t.npz", opt_v1=np.full((4, 32, 32), 812.0, np.float32))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for override, words in ((f"optical_dir={tmp_path / 'nope'}", ["nope", "does not exist"]),
+                                (f"optical_dir={bad}", ["t.npz", "far outside [0, 1]", "divide by 10000"]),
+                                (f"pairs_dir={bad}", ["t.npz", "no 'target' array"])):
+            assert run(compose("train", overrides=["hardware=cpu", override])) == 2
+            err = capsys.readouterr().err
+            assert all(w in err for w in words), err
 
 
 # ----------------------------------------------------------------------------- pretrained Prithvi weights
@@ -276,6 +288,9 @@ def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path):
     assert r.returncode == 0 and "mean" in r.stdout and "RMSE improved on 2 of 2 tiles" in r.stdout
     saved = json.loads((out / "_stage2_evaluation.json").read_text())
     assert saved["tiles"][0]["after"]["psnr"] is None          # infinite PSNR is written as null
+    assert saved["mean"]["before"]["rmse"] == pytest.approx(np.mean([t.before["rmse"] for t in ev.tiles]))
+    pngs = sorted(p.name for p in (out / "_stage2_evaluation").glob("*.png"))
+    assert pngs == ["t0.png", "t1.png"] and (out / "_stage2_evaluation" / "t1.png").read_bytes()[:4] == b"\x89PNG"
     (truth / "t1.npz").unlink()
     r = run_cli([f"truth_dir={truth}", f"input_dir={s1}", f"output_dir={out}"], module="stage2.evaluate")
     assert r.returncode == 2 and "t1.npz does not exist" in r.stderr

@@ -45,12 +45,12 @@ DEFAULT_ANCHOR = (0.06, 0.09, 0.09, 0.25)
 class DegradeParams:
     """Ranges of the degradation; (lo, hi) pairs are sampled uniformly per tile."""
 
-    max_shift: float = 1.0
+    max_shift: float = 0.5
     blur_sigma: tuple[float, float] = (0.6, 1.4)
-    contrast: tuple[float, float] = (0.75, 0.95)
+    contrast: tuple[float, float] = (0.8, 0.9)
     anchor: tuple[float, float, float, float] = DEFAULT_ANCHOR
-    gain_sd: float = 0.03
-    offset_sd: float = 0.008
+    gain_sd: float = 0.02
+    offset_sd: float = 0.005
     speckle_sd: tuple[float, float] = (0.03, 0.08)
     noise_sd: tuple[float, float] = (0.005, 0.015)
 

@@ -5,7 +5,8 @@ output `output_dir/<stem>.npz` (opt_v2), the Stage 1 input `input_dir/<stem>.npz
 the truth `truth_dir/<stem>.npz` (key `target`, or `opt_v1` for a folder of optical tiles), and
 prints per tile and on average the error of the input and of the output: RMSE and PSNR of the
 reflectance, the guide's NDVI RMSE and edge preservation (stage2.quality), all against the truth.
-The table is also saved as `output_dir/_stage2_evaluation.json`.
+The table is also saved as `output_dir/_stage2_evaluation.json`, and one PNG per tile
+(truth | opt_v1 | opt_v2 | their errors) goes to `output_dir/_stage2_evaluation/` (`figures=false`: none).
 
 Only useful where a truth exists: a benchmark, a validation site, or Stage 1 stand-ins made with
 `stage2.degrade`. `compare` is the one place these figures are computed; `stage2.train` uses it for
@@ -27,6 +28,7 @@ from .quality import edge_preservation, ndvi_rmse
 from .tiles import INPUT_KEY, OUTPUT_KEY, discover, is_done, tile_name
 
 EVALUATION_FILE = "_stage2_evaluation.json"
+FIGURES_DIR = "_stage2_evaluation"
 METRICS = ("rmse", "psnr", "ndvi_rmse", "edge_preservation")
 _LOWER_IS_BETTER = {"rmse": True, "psnr": False, "ndvi_rmse": True, "edge_preservation": False}
 
@@ -156,6 +158,51 @@ def evaluate_dirs(truth_dir: str | Path, input_dir: str | Path, output_dir: str 
     return ev
 
 
+def comparison_figure(path: Path, name: str, truth: np.ndarray, v1: np.ndarray, v2: np.ndarray,
+                      before: dict[str, float | None], after: dict[str, float | None]) -> Path:
+    """truth | opt_v1 | opt_v2 RGB (the report's display) and |v1 - truth|, |v2 - truth| on one scale."""
+    from matplotlib.figure import Figure
+
+    from .figures import display_gain, rgb
+
+    gain = display_gain(truth)
+    err1 = np.abs(v1 - truth).mean(axis=0)
+    err2 = np.abs(v2 - truth).mean(axis=0)
+    vmax = max(float(np.percentile(err1, 99)), 1e-3)
+    fig = Figure(figsize=(19, 4.4), dpi=90, layout="constrained")
+    axes = fig.subplots(1, 5, gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.22]})
+    panels = [(rgb(truth, gain), "truth"),
+              (rgb(v1, gain), f"opt_v1 (Stage 1)\nRMSE {before['rmse']:.4f}  NDVI RMSE {before['ndvi_rmse']:.3f}"),
+              (rgb(v2, gain), f"opt_v2 (Stage 2)\nRMSE {after['rmse']:.4f}  NDVI RMSE {after['ndvi_rmse']:.3f}")]
+    for ax, (img, title) in zip(axes, panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+    axes[3].imshow(err1, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+    axes[3].set_title("|opt_v1 - truth| (band mean)", fontsize=10)
+    im = axes[4].imshow(err2, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+    axes[4].set_title("|opt_v2 - truth| (same scale)", fontsize=10)
+    fig.colorbar(im, ax=axes[4], shrink=0.9, pad=0.02).set_label("reflectance error", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{name}   (RGB = B04, B03, B02 x{gain:.0f})", fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def write_figures(ev: Evaluation, folder: str | Path) -> list[Path]:
+    """One comparison PNG per evaluated tile in `folder`."""
+    folder = Path(folder)
+    out = []
+    for t in ev.tiles:
+        truth = _read(Path(ev.truth_dir) / f"{t.name}.npz", ("target", INPUT_KEY), "truth")
+        v1 = _read(Path(ev.input_dir) / f"{t.name}.npz", (INPUT_KEY,), "input")
+        v2 = _read(Path(ev.output_dir) / f"{t.name}.npz", (OUTPUT_KEY,), "output")
+        out.append(comparison_figure(folder / f"{t.name}.png", t.name, truth, v1, v2, t.before, t.after))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: key=value arguments like the other stage2 commands; exit 0, or 2 on a bad folder or tile."""
     from omegaconf import OmegaConf
@@ -165,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     cfg = OmegaConf.from_dotlist(args)
-    unknown = set(cfg) - {"truth_dir", "input_dir", "output_dir", "save"}
+    unknown = set(cfg) - {"truth_dir", "input_dir", "output_dir", "save", "figures"}
     missing = [k for k in ("truth_dir", "input_dir", "output_dir") if cfg.get(k) in (None, "")]
     if unknown or missing:
         print(f"stage2.evaluate: error: {'unknown keys ' + str(sorted(unknown)) if unknown else 'missing ' + str(missing)}; "
-              "usage: python -m stage2.evaluate truth_dir=DIR input_dir=DIR output_dir=DIR [save=true]", file=sys.stderr)
+              "usage: python -m stage2.evaluate truth_dir=DIR input_dir=DIR output_dir=DIR [save=true] [figures=true]", file=sys.stderr)
         return 2
     try:
         ev = evaluate_dirs(cfg.truth_dir, cfg.input_dir, cfg.output_dir)
@@ -181,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(cfg.output_dir) / EVALUATION_FILE
         path.write_text(json.dumps(_finite(ev.to_json()), indent=2, allow_nan=False) + "\n")
         print(f"saved {path}")
+    if cfg.get("figures", True):
+        figs = write_figures(ev, Path(cfg.output_dir) / FIGURES_DIR)
+        print(f"figures: {len(figs)} PNGs (truth | opt_v1 | opt_v2 | errors) in {Path(cfg.output_dir) / FIGURES_DIR}")
     return 0
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -168,7 +169,7 @@ def run(cfg: DictConfig) -> int:
         if cfg.get("verbose"):
             raise
         print(f"stage2: error: {e}", file=sys.stderr)
-        log.error("%s", e)
+        log.info("run-level error: %s", e)   # the log file; the console got the line above
         return 2
 
 
@@ -185,14 +186,14 @@ def _run(cfg: DictConfig) -> int:
     from lightning.pytorch.loggers import CSVLogger
 
     from .checkpoint import load_model, save_checkpoint
+    from .distributed import distributed_scope
     from .train_data import PairDataModule, PairError
 
     t0 = time.perf_counter()
     run_dir = _run_dir()
+    logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
-    if accelerator == "cpu" and cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     # The data first: a wrong folder or a bad tile is reported before the model is built.
@@ -230,7 +231,11 @@ def _run(cfg: DictConfig) -> int:
     trainer_kwargs.update(accelerator=accelerator, precision=precision, default_root_dir=str(run_dir))
     trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks,
                         logger=CSVLogger(save_dir=str(run_dir), name="csv"))
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("resume_from"))
+    # Expected notes: our sampler is rank-aware itself; set after terratorch's import resets the filters.
+    for pattern in (".*LeafSpec.*", ".*does not have many workers.*", ".*across ranks is zero.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    with distributed_scope():      # DDP children, env and process group live as long as this run
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("resume_from"))
 
     if not trainer.is_global_zero:
         return 0
