@@ -67,51 +67,48 @@ def test_oom_splits_the_batch_and_falls_back_to_cpu(tmp_path, tiny_model, tiny_c
     assert (s["processed"], s["cpu_fallbacks"], s["failed"]) == (5, 1, 0)
 
 
-def _valid_outputs(out, names):
+def _valid_outputs(out, names, size):
     for name in names:
         v2 = read_output(out / f"{name}.npz")
-        assert v2.shape == (4, 48, 48) and np.isfinite(v2).all()
+        assert v2.shape == (4, size, size) and np.isfinite(v2).all()
         assert json.loads((out / f"{name}.json").read_text())["stage"] == "stage2_refined"
 
 
 def test_sigkill_at_random_moments_then_rerun_completes(tmp_path, tiny_ckpt):
+    """Five SIGKILLs at random moments while tiles are being written, then a rerun finishes the job."""
     inp, out = tmp_path / "in", tmp_path / "out"
-    names = [f"tile_{i:03d}" for i in range(60)]
+    size, names = 112, [f"tile_{i:03d}" for i in range(240)]
     for i, n in enumerate(names):
-        make_tile(inp / f"{n}.npz", 48, 48, seed=i)
+        make_tile(inp / f"{n}.npz", size, size, seed=i)
     args = [sys.executable, "-m", "stage2.predict", f"checkpoint={tiny_ckpt}", f"input_dir={inp}",
-            f"output_dir={out}", "hardware=cpu", "batch_size=2", "num_workers=0", "quality=false"]
+            f"output_dir={out}", "hardware=cpu", "batch_size=2", "num_workers=0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rng = random.Random(0)
     kills = 0
     for _ in range(5):
-        before = len(list(out.glob("*.json"))) if out.exists() else 0
-        if before >= len(names) - 4:
-            break
+        before = len(list(out.glob("tile_*.json"))) if out.exists() else 0
         p = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:   # wait until this run is writing
-            if out.exists() and len(list(out.glob("*.json"))) > before:
+            if out.exists() and len(list(out.glob("tile_*.json"))) > before:
                 break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.4))
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
         # whatever is there now is either complete or not trusted: every JSON has its NPZ
-        for js in out.glob("*.json"):
-            if not js.name.startswith("_"):
-                assert (out / js.name.replace(".json", ".npz")).is_file()
-    assert kills >= 3
+        for js in out.glob("tile_*.json"):
+            assert (out / js.name.replace(".json", ".npz")).is_file()
+    assert kills >= 4, "the runs finished before they could be killed: give the test more tiles"
     done_before = len(list(out.glob("tile_*.json")))
+    assert 0 < done_before < len(names)
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "_stage2_summary.json").read_text())
     assert s["skipped"] == done_before and s["processed"] == len(names) - done_before and s["failed"] == 0
-    _valid_outputs(out, names)
-    leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp")
-    assert leftovers == []
+    _valid_outputs(out, names, size)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{n}.npz" for n in names] + [f"{n}.json" for n in names] + ["_stage2_summary.json"])
 
