@@ -5,9 +5,8 @@ A shim for scripts that call the guide's path literally: it is `stage2-infer` (s
 the same flags, the same Hydra run and the same outputs. Needs stage2 installed (pip install -e .).
 """
 
-import sys
 
-from stage2.cli import main
+from stage2.cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

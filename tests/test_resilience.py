@@ -131,8 +131,8 @@ def test_nothing_to_do_path_imports_no_torch(tmp_path, tiny_ckpt):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_tile(inp / "a.npz", 32, 32)
     stage2.write_tile(out, "a", np.zeros((4, 32, 32), np.float32), {"stage": "stage2_refined"})
-    code = ("import sys, runpy; sys.argv=['stage2.predict', 'checkpoint=%s', 'input_dir=%s', 'output_dir=%s'];\n"
-            "try:\n    runpy.run_module('stage2.predict', run_name='__main__')\nexcept SystemExit as e:\n    pass\n"
+    code = ("import sys; sys.argv=['stage2.predict', 'checkpoint=%s', 'input_dir=%s', 'output_dir=%s'];\n"
+            "import stage2.predict\ntry:\n    stage2.predict.main()\nexcept SystemExit as e:\n    pass\n"
             "assert 'torch' not in sys.modules and 'terratorch' not in sys.modules, 'heavy import'\nprint('LIGHT')"
             % (tiny_ckpt, inp, out))
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)

@@ -212,5 +212,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         hydra_config.cfg = previous
 
 
+def console_main() -> None:
+    """The `stage2-infer` console script: main(), then a fast process exit (see stage2.process)."""
+    from .process import exit_now
+
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -150,7 +150,9 @@ def _run(cfg: DictConfig, t0: float, outcome: dict[str, Any]) -> int:
     from .writer import TileWriter, first_failures
 
     try:
+        log.info("%d tiles to do, %d already done; imports took %.1f s", len(todo), done, time.perf_counter() - t0)
         model = load_model(Path(cfg.checkpoint).expanduser())
+        log.info("checkpoint loaded (%s) at %.1f s", model.config["name"], time.perf_counter() - t0)
     except CheckpointError as e:
         raise RunError(str(e)) from None
     accelerator = resolve_accelerator(cfg)
@@ -179,7 +181,9 @@ def _run(cfg: DictConfig, t0: float, outcome: dict[str, Any]) -> int:
         warnings.filterwarnings("ignore", message=pattern)
     with distributed_scope():      # DDP children, env and process group live as long as this run
         try:
+            log.info("trainer ready at %.1f s", time.perf_counter() - t0)
             trainer.predict(module, datamodule=dm, return_predictions=False)
+            log.info("predict done at %.1f s", time.perf_counter() - t0)
         finally:
             writer.close()
         records, failures, tiles_per_s = writer.gathered(trainer)
@@ -230,4 +234,10 @@ def main(cfg: DictConfig) -> int | dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from .process import exit_now
+
+    try:
+        main()
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)

@@ -289,4 +289,10 @@ def main(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    from .process import exit_now
+
+    try:
+        main()
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)
