@@ -212,7 +212,8 @@ def _run(cfg: DictConfig, t0: float, outcome: dict[str, Any]) -> int:
     return summary.exit_code()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+# An absolute path: works for `python -m`, console scripts and `from stage2.predict import main` alike.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="predict")
 def main(cfg: DictConfig) -> int | dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

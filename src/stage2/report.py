@@ -393,7 +393,8 @@ def run(cfg: DictConfig) -> int:
     return 0 if chk.ok else 1
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="report")
+# An absolute path: works for `python -m`, console scripts and `from stage2.report import main` alike.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="report")
 def main(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

@@ -280,7 +280,8 @@ def _best_scores(trainer: L.Trainer, ckpt_cb: Any) -> dict[str, float] | None:
     return {k: float(best[k]) for k in keys}
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+# An absolute path: works for `python -m`, console scripts and `from stage2.train import main` alike.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
 def main(cfg: DictConfig) -> int:
     code = run(cfg)
     if code:

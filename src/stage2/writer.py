@@ -37,7 +37,7 @@ class TileWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.processing = processing        # run-wide `processing` fields of the output JSON
         self.quality = quality
-        self.threads = max(1, int(threads))
+        self.threads = max(0, int(threads))   # 0: write in the main thread, between batches
         self.records: list[TileRecord] = []
         self.failures: list[dict[str, str]] = []
         self.batch_marks: list[tuple[float, int]] = []    # (time, tiles) at each batch end
@@ -59,8 +59,9 @@ class TileWriter(BasePredictionWriter):
         trainer.strategy.barrier("stage2-writer-setup")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="stage2-writer")
-        self._slots = threading.BoundedSemaphore(2 * self.threads)
+        if self.threads:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="stage2-writer")
+            self._slots = threading.BoundedSemaphore(2 * self.threads)
         self.batch_marks = [(time.perf_counter(), 0)]
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Prediction,
@@ -69,7 +70,9 @@ class TileWriter(BasePredictionWriter):
         self.model_s += prediction.model_s
         for failure in prediction.batch.failures:
             self._record_failure(failure.path, failure.reason, failure.hint)
-        if prediction.outputs:
+        if prediction.outputs and self.threads == 0:
+            self._write_batch(prediction)   # inline: on few cores a writer thread only steals from torch
+        elif prediction.outputs:
             self._slots.acquire()       # bounded: at most 2 x threads batches wait in memory
             fut = self._pool.submit(self._write_batch, prediction)
             fut.add_done_callback(lambda _: self._slots.release())
