@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from typing import Callable
 
 
 def exit_now(code: int | None) -> None:
@@ -28,3 +29,12 @@ def exit_now(code: int | None) -> None:
             except Exception:
                 pass
         os._exit(code)
+
+
+def run_then_exit(main: Callable[[], object]) -> None:
+    """`if __name__ == "__main__"` of a Hydra entry point: run it, then exit_now with its exit code."""
+    try:
+        main()
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)

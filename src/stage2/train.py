@@ -290,10 +290,6 @@ def main(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
-    from .process import exit_now
+    from .process import run_then_exit
 
-    try:
-        main()
-    except SystemExit as e:
-        exit_now(e.code)
-    exit_now(0)
+    run_then_exit(main)
