@@ -1,8 +1,9 @@
 """The BasePredictionWriter: every file a run writes goes through here.
 
-Outputs are written by a small thread pool with a bounded queue, so the next forward pass does
-not wait for compression and disk; each tile is still written atomically (NPZ, then JSON) and
-exactly once. Failures from the DataModule arrive on the same road and are logged as JSON lines.
+On a GPU, outputs are written by a small thread pool with a bounded queue, so the next forward
+pass does not wait for the disk; on a few-core CPU (`writer_threads=0`, the `cpu` profile) they are
+written between batches, because a writer thread there only takes a core from torch's threads.
+Either way each tile is written atomically (NPZ, then JSON) and exactly once. Failures from the DataModule arrive on the same road and are logged as JSON lines.
 """
 
 from __future__ import annotations
