@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from . import predict as _predict  # noqa: F401  (registers the stage2_aoi_dir resolver used by report.yaml)
 from .quality import below_target, severity, tile_quality
 from .summary import FAILURES_FILE, SUMMARY_FILE
-from .tiles import (N_BANDS, OUTPUT_KEY, TileError, discover, peek_shape, read_tile, tile_name)
+from .tiles import (N_BANDS, OUTPUT_KEY, TileError, discover, peek_shape, read_output, read_tile, tile_name)
 
 INDEX_FILE = "index.html"
 QUALITY_PNG = "quality.png"
@@ -296,8 +296,7 @@ def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
     for row in worst_first(chk.rows)[:max_tiles]:
         try:
             v1 = read_tile(chk.input_paths[row.name]).array
-            with np.load(chk.output_dir / f"{row.name}.npz", allow_pickle=False) as data:
-                v2 = data[OUTPUT_KEY]
+            v2 = read_output(chk.output_dir / f"{row.name}.npz")
         except (TileError, OSError, KeyError, ValueError) as e:
             chk.notes.append(f"no figure for {row.name}: {e}")
             continue

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .module import Prediction
 from .summary import FAILURES_FILE, FIRST_FAILURES, TileRecord
-from .tiles import TileFailure, remove_stale_temporaries, write_tile
+from .tiles import remove_stale_temporaries, write_tile
 
 log = logging.getLogger("stage2")
 
@@ -166,5 +166,3 @@ class TileWriter(BasePredictionWriter):
 def first_failures(failures: list[dict[str, str]]) -> list[dict[str, str]]:
     return sorted(failures, key=lambda f: f["file"])[:FIRST_FAILURES]
 
-
-__all__ = ["TileWriter", "first_failures", "TileFailure"]
