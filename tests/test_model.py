@@ -37,6 +37,23 @@ def test_month_and_biome_change_the_output(tiny_model):
     assert (a - b).abs().max() > 1e-5 and (a - c).abs().max() > 1e-5
 
 
+def test_channels_last_decoder_equals_the_plain_nchw_formula(tiny_model):
+    """The decoder's channels-last fast path computes clip(x + refine([shuffle(to_pixels(tokens)); xn]))."""
+    m, p = tiny_model, tiny_model.patch_size
+    b, h, w = 3, 128, 96
+    x = torch.rand(b, 4, h, w)
+    month, biome = torch.tensor([1, 6, 12]), torch.tensor([0, 7, 15])
+    with torch.inference_mode():
+        xn = (x - m.band_mean) / m.band_std
+        feat = m.to_pixels(m.encode(xn, month, biome))
+        feat = feat.view(b, h // p, w // p, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, h, w)
+        expected = torch.clamp(x + m.refine(torch.cat((feat, xn), dim=1)), 0, 1)
+        got = m.forward_padded(x, month, biome)
+    assert got.is_contiguous() and got.shape == expected.shape
+    assert (got - expected).abs().max() < 1e-5
+    assert (got - x).abs().max() > 1e-4   # the refinement is not a no-op
+
+
 @pytest.mark.parametrize("h,w", SIZES)
 def test_tile_in_a_mixed_batch_equals_the_tile_alone(tiny_model, h, w):
     """Pipeline path: bucket by padded size, collate 4 tiles, crop; equals model(tile) alone."""
