@@ -111,3 +111,55 @@ def test_import_stage2_is_light():
     import sys
     code = "import sys, stage2; assert 'torch' not in sys.modules and 'terratorch' not in sys.modules; print(stage2.__version__)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def _five_tile_batch():
+    return collate([_tile(64, 80, s, month=s % 12 + 1, biome=s) for s in range(5)], 16)
+
+
+def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_model, monkeypatch):
+    """cpu_streams=2: the batch runs as two chunks on two threads with half the threads each; same outputs."""
+    import threading
+
+    from stage2.module import Stage2Module
+
+    batch, total = _five_tile_batch(), torch.get_num_threads()
+    with torch.inference_mode():
+        ref = Stage2Module(tiny_model, cpu_streams=1).predict_step(batch, 0)
+    calls, real = [], tiny_model.forward_padded
+
+    def spy(x, month, biome):
+        calls.append((threading.current_thread().name, len(x), torch.get_num_threads(),
+                      torch.is_inference_mode_enabled()))
+        return real(x, month, biome)
+
+    monkeypatch.setattr(tiny_model, "forward_padded", spy)
+    module = Stage2Module(tiny_model, cpu_streams=2)
+    with torch.inference_mode():
+        got = module.predict_step(batch, 0)
+    module.on_predict_end()
+    assert len(got.outputs) == 5
+    for a, b in zip(ref.outputs, got.outputs):
+        assert a.shape == b.shape == (4, 64, 80) and np.abs(a - b).max() <= 1e-6
+    assert torch.get_num_threads() == total          # the caller's thread count is untouched
+    if total >= 2:
+        assert sorted(n for _, n, _, _ in calls) == [2, 3]
+        assert all(name.startswith("stage2-stream") and threads == total // 2 and inference
+                   for name, _, threads, inference in calls)
+    else:
+        assert [n for _, n, _, _ in calls] == [5]   # one core: one forward
+
+
+def test_cpu_streams_keep_the_callers_autocast(tiny_model):
+    """Autocast is thread-local: chunks on worker threads must still run in the caller's bf16."""
+    from stage2.module import Stage2Module
+
+    batch = _five_tile_batch()
+    with torch.inference_mode():
+        fp32 = Stage2Module(tiny_model, cpu_streams=1).predict_step(batch, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            one = Stage2Module(tiny_model, cpu_streams=1).predict_step(batch, 0)
+            two = Stage2Module(tiny_model, cpu_streams=2).predict_step(batch, 0)
+    for a, b, c in zip(one.outputs, two.outputs, fp32.outputs):
+        assert np.abs(a - b).max() <= 1e-6
+        assert np.abs(a - c).max() > 1e-4       # bf16 really was used

@@ -51,7 +51,8 @@ def test_oom_splits_the_batch_and_falls_back_to_cpu(tmp_path, tiny_model, tiny_c
     monkeypatch.setattr("stage2.checkpoint.load_model", lambda path, device="cpu": double)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("predict", overrides=[f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}",
-                                            "hardware=cpu", "batch_size=4", "num_workers=0"])
+                                            "hardware=cpu", "batch_size=4", "num_workers=0",
+                                            "cpu_streams=1"])   # a GPU's OOM, played on the CPU: one forward per batch
     with caplog.at_level(logging.WARNING, logger="stage2"):
         assert run(cfg) == 0
     assert double.calls[0] == 4 and 1 in double.calls          # split 4 -> 2 -> 1

@@ -47,7 +47,8 @@ exit codes: 0 all tiles written, 1 some tiles failed (see _stage2_failures.jsonl
 logs: outputs/predict/<date>/<time>/stage2_predict.log (change with hydra.run.dir=DIR)"""
 
 # Keys a YAML profile may set: those of conf/hardware/*.yaml.
-PROFILE_KEYS = ("accelerator", "batch_size", "num_workers", "pin_memory", "amp_precision", "writer_threads")
+PROFILE_KEYS = ("accelerator", "batch_size", "num_workers", "pin_memory", "amp_precision", "writer_threads",
+                "cpu_streams")
 
 
 class UsageError(Exception):

@@ -173,7 +173,7 @@ def _run(cfg: DictConfig, t0: float, outcome: dict[str, Any]) -> int:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.update(accelerator=accelerator, precision=precision)
     trainer = L.Trainer(**trainer_kwargs, callbacks=[writer, bar])
-    module = Stage2Module(model, compile=bool(cfg.compile))
+    module = Stage2Module(model, compile=bool(cfg.compile), cpu_streams=int(cfg.cpu_streams))
     # Lightning's notes about our own sampler and transfer hook are expected; set after terratorch's
     # import, which resets warning filters.
     for pattern in (".*custom batch sampler.*", ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
