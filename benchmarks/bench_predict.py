@@ -9,6 +9,8 @@ One run, same machine, checkpoint, tiles, batch size and precision:
 and the ratios pipeline_steady/bare, naive_wall/pipeline_wall, rss_2000/rss_200.
 
 usage: python benchmarks/bench_predict.py [--model prithvi_eo_v1_100] [--size 120] [--count 64] [--batch-size 4]
+       [--set KEY=VALUE ...]
+Forward tiles/s per batch size, with and without cpu_streams: benchmarks/bench_batch.py.
 """
 
 from __future__ import annotations
@@ -87,11 +89,12 @@ def run_process(cmd: list[str], cwd: Path) -> tuple[float, int, subprocess.Compl
 
 
 HARDWARE = "cpu"
+OVERRIDES: list[str] = []   # --set KEY=VALUE: extra Hydra overrides for every predict command
 
 
 def predict_cmd(ckpt: Path, inp: Path, out: Path, batch: int, precision: str, extra: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "stage2.predict", f"hardware={HARDWARE}", f"checkpoint={ckpt}", f"input_dir={inp}",
-            f"output_dir={out}", f"batch_size={batch}", f"precision={precision}", *extra]
+            f"output_dir={out}", f"batch_size={batch}", f"precision={precision}", *OVERRIDES, *extra]
 
 
 def bare_tiles_per_s(ckpt: Path, tiles_dir: Path, batch: int, precision: str) -> float:
@@ -129,9 +132,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="rounds of bare/pipeline/naive; best of each is kept")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--hardware", default="cpu", help="predict's hardware profile (cpu, lowvr, highvr)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override for the predict runs, e.g. --set cpu_streams=1 (repeatable)")
     args = ap.parse_args()
     global HARDWARE
     HARDWARE = args.hardware
+    OVERRIDES.extend(args.set)
 
     import torch
 
@@ -158,6 +164,8 @@ def main() -> None:
         shutil.rmtree(naive_out, ignore_errors=True)
         naive_wall.append(run_process([sys.executable, str(REPO / "benchmarks" / "naive_loop.py"), str(ckpt),
                                        str(tiles), str(naive_out)], work)[0])
+    rounds = {"bare_tiles_per_s": bare, "pipeline_steady_tiles_per_s": steady, "pipeline_wall_s": pipe_wall,
+              "naive_wall_s": naive_wall}
     res["bare_tiles_per_s"], res["pipeline_steady_tiles_per_s"] = max(bare), max(steady)
     res["pipeline_wall_s"], res["naive_wall_s"] = min(pipe_wall), min(naive_wall)
     res["rerun_wall_s"], _, rr = run_process(predict_cmd(ckpt, tiles, out, args.batch_size, args.precision), work)
@@ -189,9 +197,10 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     width = max(map(len, res))
     for k, v in res.items():
-        print(f"  {k:<{width}}  {v:10.3f}")
+        each = f"   rounds: {', '.join(f'{x:.2f}' for x in rounds[k])}" if k in rounds else ""
+        print(f"  {k:<{width}}  {v:10.3f}{each}")
     (work / "bench_result.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                        "results": res}, indent=2))
+                                                        "results": res, "rounds": rounds}, indent=2))
     print(f"results: {work / 'bench_result.json'}")
 
 

@@ -1,6 +1,7 @@
 """Bad checkpoints are run-level errors: one line naming the file, exit 2, nothing written (SPEC 5, 6)."""
 
 import os
+import random
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ def _bad_checkpoints(tmp_path, tiny_model, tiny_ckpt):
     d = tmp_path / "ckpts"
     d.mkdir()
     marker = tmp_path / "PWNED"
-    (d / "garbage.pt").write_bytes(os.urandom(4096))
+    (d / "garbage.pt").write_bytes(random.Random(0).randbytes(4096))
+    (d / "bad_pickle.pt").write_bytes(b"\x80\x02s.")   # the weights-only unpickler raises IndexError on it
     (d / "empty.pt").write_bytes(b"")
     (d / "a_dir.pt").mkdir()
     torch.save({"state_dict": {"encoder.w": torch.zeros(3)}, "stage": 1, "model": "terramind"}, d / "stage1.pt")
@@ -44,6 +46,7 @@ def _bad_checkpoints(tmp_path, tiny_model, tiny_ckpt):
         "a_dir.pt": "is not a file",
         "garbage.pt": "not a safe Stage 2 checkpoint",
         "empty.pt": "unreadable",
+        "bad_pickle.pt": "unreadable",
         "stage1.pt": "not a Stage 2 checkpoint",
         "stage3.pt": "not a Stage 2 checkpoint",
         "mismatch.pt": "do not match",

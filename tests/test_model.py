@@ -113,8 +113,8 @@ def test_import_stage2_is_light():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def _five_tile_batch():
-    return collate([_tile(64, 80, s, month=s % 12 + 1, biome=s) for s in range(5)], 16)
+def _five_tile_batch(h=256, w=240):
+    return collate([_tile(h, w, s, month=s % 12 + 1, biome=s) for s in range(5)], 16)
 
 
 def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_model, monkeypatch):
@@ -140,7 +140,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
     module.on_predict_end()
     assert len(got.outputs) == 5
     for a, b in zip(ref.outputs, got.outputs):
-        assert a.shape == b.shape == (4, 64, 80) and np.abs(a - b).max() <= 1e-6
+        assert a.shape == b.shape == (4, 256, 240) and np.abs(a - b).max() <= 1e-6
     assert torch.get_num_threads() == total          # the caller's thread count is untouched
     if total >= 2:
         assert sorted(n for _, n, _, _ in calls) == [2, 3]
@@ -148,6 +148,14 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
                    for name, _, threads, inference in calls)
     else:
         assert [n for _, n, _, _ in calls] == [5]   # one core: one forward
+
+    # Small batches (here 5 x 20 patch tokens) are not worth the hand-offs: one forward, all threads.
+    calls.clear()
+    small = _five_tile_batch(64, 80)
+    with torch.inference_mode():
+        module.predict_step(small, 1)
+    module.on_predict_end()
+    assert calls == [(threading.current_thread().name, 5, total, True)]
 
 
 def test_cpu_streams_keep_the_callers_autocast(tiny_model):
@@ -163,3 +171,15 @@ def test_cpu_streams_keep_the_callers_autocast(tiny_model):
     for a, b, c in zip(one.outputs, two.outputs, fp32.outputs):
         assert np.abs(a - b).max() <= 1e-6
         assert np.abs(a - c).max() > 1e-4       # bf16 really was used
+
+
+def test_keep_freed_memory_is_safe_to_call_and_works_on_glibc():
+    """The CPU pipeline keeps freed activations for reuse (fewer page faults); a no-op off glibc."""
+    import platform
+
+    from stage2.module import keep_freed_memory
+
+    result = keep_freed_memory()
+    assert isinstance(result, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert result is True

@@ -34,6 +34,39 @@ class Prediction:
     device: str = "cpu"
 
 
+# Concurrent forwards pay off only for chunks of at least two tiles and this many patch tokens
+# (a 120 px tile pads to 128 px: 64 tokens). Measured on 2 cores (benchmarks/bench_batch.py,
+# best of 3): one-tile chunks 0.80-1.01x, chunks of 2-4 tiles of 16 tokens 0.93-1.03x; chunks of
+# >= 2 tiles and >= 128 tokens 1.00-1.24x (v1_100 and tiny, 128 and 256 px).
+STREAM_MIN_TILES = 2
+STREAM_MIN_TOKENS = 128
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: serve large CPU tensors from the heap and keep freed memory for the next batch.
+
+    Why: torch's CPU allocator mallocs every activation afresh, and glibc maps large blocks from
+    the kernel and unmaps them at free, so every forward page-faults its tens of MB of
+    activations again (about 12,000 faults per batch of four 120 px tiles). Keeping them cut a
+    120 px run's page faults from 528k to 337k and raised its steady throughput about 4 %
+    (benchmarks/README.md). Peak memory is unchanged: the kept memory is reused, not added to.
+    Same effect as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or an allocator such as
+    jemalloc. Returns False (and changes nothing) where the C library is not glibc.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2 << 30))
+
+
 class Stage2Module(L.LightningModule):
     """Wraps Stage2Refiner for `trainer.predict`; the writer callback does all file output."""
 
@@ -52,28 +85,40 @@ class Stage2Module(L.LightningModule):
             # where _forward catches them and falls back to eager.
             self._compiled = torch.compile(self.model.forward_padded, dynamic=False)
 
+    def on_predict_start(self) -> None:
+        if self.device.type == "cpu":
+            keep_freed_memory()
+
     def on_predict_end(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
 
-    def _n_streams(self, n_tiles: int) -> int:
-        """How many concurrent forwards this batch gets: 1 off the CPU, with compile, or for one tile."""
-        if self.device.type != "cpu" or self._compiled is not None:
+    def _n_streams(self, x: torch.Tensor) -> int:
+        """How many concurrent forwards this batch gets (1: one forward with all threads).
+
+        1 off the CPU and with compile; otherwise at most `cpu_streams` and one per thread, and
+        only as many as give each chunk STREAM_MIN_TILES tiles and STREAM_MIN_TOKENS patch tokens.
+        """
+        if self.device.type != "cpu" or self._compiled is not None or self.cpu_streams == 1:
             return 1
-        return max(1, min(self.cpu_streams, n_tiles, torch.get_num_threads()))
+        p = int(getattr(self.model, "patch_size", 16))
+        tokens = x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // p)
+        return max(1, min(self.cpu_streams, torch.get_num_threads(), x.shape[0] // STREAM_MIN_TILES,
+                          tokens // STREAM_MIN_TOKENS))
 
     def _forward_streams(self, x: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
         """CPU: the batch as `cpu_streams` chunks run at once, each with its share of torch's threads.
 
         Why: on a CPU, one forward over a batch does not keep every core busy (each op ends in a
         barrier, and element-wise ops and small GEMMs scale poorly across threads). Two forwards
-        side by side, each with half the threads, were 1.1x (256 px) to 1.2x (128 px) faster than
-        one forward with all threads on 2 cores (benchmarks/README.md). Each tile's values are the
-        same either way (the model is batch-independent). torch's thread count is per thread, so
-        the main thread keeps all threads for one-tile batches and everything else.
+        side by side, each with half the threads, were 1.04-1.24x faster than one forward with all
+        threads on 2 cores for chunks of >= 2 tiles and >= 128 patch tokens (batch 4 of 120 or
+        256 px tiles); smaller batches run as one forward (benchmarks/README.md). Each tile's values are
+        the same either way (the model is batch-independent). torch's thread count is per thread,
+        so the main thread keeps all threads for one-forward batches and everything else.
         """
-        n = self._n_streams(len(x))
+        n = self._n_streams(x)
         if n == 1:
             return self._forward(x, month, biome)
         threads = max(1, torch.get_num_threads() // n)
