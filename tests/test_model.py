@@ -177,7 +177,7 @@ def test_keep_freed_memory_is_safe_to_call_and_works_on_glibc():
     """The CPU pipeline keeps freed activations for reuse (fewer page faults); a no-op off glibc."""
     import platform
 
-    from stage2.module import keep_freed_memory
+    from stage2.process import keep_freed_memory
 
     result = keep_freed_memory()
     assert isinstance(result, bool)

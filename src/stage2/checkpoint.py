@@ -113,7 +113,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
                               "it was written by another stage2 version or edited") from None
     try:
         model.load_state_dict(state, strict=True, assign=True)
-        model.set_band_stats()
     except RuntimeError as e:
         first = "; ".join(str(e).splitlines()[1:3]).strip()[:300]
         raise CheckpointError(f"checkpoint {path} weights do not match its architecture "

@@ -63,6 +63,7 @@ class Stage2Refiner(nn.Module):
                  name: str | None = None) -> None:
         super().__init__()
         from terratorch.datasets import HLSBands
+        from terratorch.models.backbones import prithvi_vit
         from terratorch.registry import BACKBONE_REGISTRY
 
         self.config: dict[str, Any] = {
@@ -71,7 +72,13 @@ class Stage2Refiner(nn.Module):
         }
         bands = [HLSBands.BLUE, HLSBands.GREEN, HLSBands.RED, HLSBands.NIR_NARROW]
         self.encoder = BACKBONE_REGISTRY.build(backbone, pretrained=False, bands=bands, num_frames=1)
-        self.set_band_stats()
+        cfg = prithvi_vit.prithvi_cfgs.get(backbone, {})
+        mean = [cfg.get("mean", prithvi_vit.PRITHVI_V2_MEAN)[i] / 1e4 for i in _PRITHVI_BAND_INDEX]
+        std = [cfg.get("std", prithvi_vit.PRITHVI_V2_STD)[i] / 1e4 for i in _PRITHVI_BAND_INDEX]
+        # Explicitly on the CPU: load_model builds the model on the meta device, and these buffers
+        # are not in the checkpoint, so they must hold real values from the start.
+        self.register_buffer("band_mean", torch.tensor(mean, device="cpu").view(1, 4, 1, 1), persistent=False)
+        self.register_buffer("band_std", torch.tensor(std, device="cpu").view(1, 4, 1, 1), persistent=False)
 
         self.patch_size = int(self.encoder.patch_embed.patch_size[-1])
         dim = int(self.encoder.embed_dim)
@@ -92,22 +99,6 @@ class Stage2Refiner(nn.Module):
             self.refine[-1].weight.mul_(0.1)
             self.refine[-1].bias.zero_()
         self._pos_cache: dict[tuple, torch.Tensor] = {}
-
-    def set_band_stats(self) -> None:
-        """(Re)create the non-persistent normalisation buffers from the backbone's Prithvi config.
-
-        Called by __init__, and by `load_model` after it builds the model on the meta device.
-        """
-        from terratorch.models.backbones import prithvi_vit
-
-        cfg = prithvi_vit.prithvi_cfgs.get(self.config["backbone"], {})
-        mean = [cfg.get("mean", prithvi_vit.PRITHVI_V2_MEAN)[i] / 1e4 for i in _PRITHVI_BAND_INDEX]
-        std = [cfg.get("std", prithvi_vit.PRITHVI_V2_STD)[i] / 1e4 for i in _PRITHVI_BAND_INDEX]
-        device = self.month_embed.weight.device if hasattr(self, "month_embed") else None
-        if device is not None and device.type == "meta":
-            device = torch.device("cpu")
-        self.register_buffer("band_mean", torch.tensor(mean, device=device).view(1, 4, 1, 1), persistent=False)
-        self.register_buffer("band_std", torch.tensor(std, device=device).view(1, 4, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ encoder
     def _pos_embed(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:

@@ -42,31 +42,6 @@ STREAM_MIN_TILES = 2
 STREAM_MIN_TOKENS = 128
 
 
-def keep_freed_memory() -> bool:
-    """glibc only: serve large CPU tensors from the heap and keep freed memory for the next batch.
-
-    Why: torch's CPU allocator mallocs every activation afresh, and glibc maps large blocks from
-    the kernel and unmaps them at free, so every forward page-faults its tens of MB of
-    activations again (about 12,000 faults per batch of four 120 px tiles). Keeping them cut a
-    120 px run's page faults from 528k to 337k and raised its steady throughput about 4 %
-    (benchmarks/README.md). Peak memory is unchanged: the kept memory is reused, not added to.
-    Same effect as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or an allocator such as
-    jemalloc. Returns False (and changes nothing) where the C library is not glibc.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2 << 30))
-
-
 class Stage2Module(L.LightningModule):
     """Wraps Stage2Refiner for `trainer.predict`; the writer callback does all file output."""
 
@@ -87,6 +62,8 @@ class Stage2Module(L.LightningModule):
 
     def on_predict_start(self) -> None:
         if self.device.type == "cpu":
+            from .process import keep_freed_memory
+
             keep_freed_memory()
 
     def on_predict_end(self) -> None:
@@ -102,7 +79,7 @@ class Stage2Module(L.LightningModule):
         """
         if self.device.type != "cpu" or self._compiled is not None or self.cpu_streams == 1:
             return 1
-        p = int(getattr(self.model, "patch_size", 16))
+        p = int(self.model.patch_size)
         tokens = x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // p)
         return max(1, min(self.cpu_streams, torch.get_num_threads(), x.shape[0] // STREAM_MIN_TILES,
                           tokens // STREAM_MIN_TOKENS))
