@@ -7,9 +7,14 @@ model function, terratorch only when a model is built.
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# The package's Hydra configs (src/stage2/conf -> the repository's conf/): the one place every
+# entry point and build_model read their defaults from.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 _EXPORTS = {
     "load_model": "stage2.checkpoint",

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-# The same folder as stage2.model.CONF_DIR; computed here so `--help` and the "nothing to do"
-# path do not import torch (stage2.model does).
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+from . import CONF_DIR
+
 DEFAULT_PROFILE = "lowvr"
 
 DESCRIPTION = """\

@@ -44,7 +44,10 @@ def rmse(truth: np.ndarray, estimate: np.ndarray) -> float:
 
 def psnr(truth: np.ndarray, estimate: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB for reflectance in [0, 1] (peak 1); inf for identical tiles."""
-    e = rmse(truth, estimate)
+    return _psnr_from_rmse(rmse(truth, estimate))
+
+
+def _psnr_from_rmse(e: float) -> float:
     return math.inf if e == 0 else 20.0 * math.log10(1.0 / e)
 
 
@@ -52,7 +55,8 @@ def compare(truth: np.ndarray, estimate: np.ndarray) -> dict[str, float | None]:
     """RMSE, PSNR, NDVI RMSE and edge preservation of `estimate` against `truth`, both (4, H, W)."""
     if np.shape(truth) != np.shape(estimate):
         raise ValueError(f"shapes differ: truth {np.shape(truth)}, estimate {np.shape(estimate)}")
-    return {"rmse": rmse(truth, estimate), "psnr": psnr(truth, estimate),
+    e = rmse(truth, estimate)
+    return {"rmse": e, "psnr": _psnr_from_rmse(e),
             "ndvi_rmse": ndvi_rmse(truth, estimate), "edge_preservation": edge_preservation(truth, estimate)}
 
 
@@ -98,10 +102,12 @@ class Evaluation:
         lines = ["stage2 evaluation against the truth (v1 = Stage 1 input, v2 = Stage 2 output; "
                  "lower RMSE, higher PSNR and edge = closer)", head, "-" * len(head)]
         rows = [(t.name, t.before, t.after) for t in self.tiles]
+        rows.append(("-" * len(head), None, None))
         rows.append(("mean", {m: self.mean("before", m) for m in METRICS}, {m: self.mean("after", m) for m in METRICS}))
-        for i, (name, b, a) in enumerate(rows):
-            if i == len(rows) - 1:
-                lines.append("-" * len(head))
+        for name, b, a in rows:
+            if b is None:
+                lines.append(name)
+                continue
             lines.append(f"{name:<{width}}  {f(b['rmse'], 4):>8} {f(a['rmse'], 4):>8}  {f(b['ndvi_rmse'], 4):>12} "
                          f"{f(a['ndvi_rmse'], 4):>12}  {f(b['psnr'], 2):>7} {f(a['psnr'], 2):>7}  "
                          f"{f(b['edge_preservation'], 3):>7} {f(a['edge_preservation'], 3):>7}")
@@ -143,7 +149,7 @@ def evaluate_dirs(truth_dir: str | Path, input_dir: str | Path, output_dir: str 
         if not d.is_dir():
             raise EvaluationError(f"{key} {d} is not a directory: pass {key}=DIR")
     files, _ = discover(output_dir)
-    names = [tile_name(f, output_dir) for f in files if is_done(output_dir, tile_name(f, output_dir))]
+    names = [n for n in (tile_name(f, output_dir) for f in files) if is_done(output_dir, n)]
     if not names:
         raise EvaluationError(f"No finished Stage 2 outputs in {output_dir}: run python -m stage2.predict first")
     ev = Evaluation(str(truth_dir), str(input_dir), str(output_dir))

@@ -6,14 +6,13 @@ terratorch is imported inside `Stage2Refiner.__init__`, so `import stage2` and t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+from . import CONF_DIR  # noqa: F401 (also re-exported: stage2.model.CONF_DIR)
 
 # Prithvi's per-band statistics are in reflectance x 10000; ours are reflectance in [0, 1].
 _PRITHVI_BAND_INDEX = [0, 1, 2, 3]  # BLUE, GREEN, RED, NIR_NARROW in terratorch's PRETRAINED_BANDS

@@ -8,7 +8,6 @@ Lightning. Heavy imports happen only after the fast path.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__
+from . import CONF_DIR, __version__
 from .summary import RunSummary
 from .tiles import discover, is_done, remove_stale_temporaries, tile_name
 
@@ -212,8 +211,8 @@ def _run(cfg: DictConfig, t0: float, outcome: dict[str, Any]) -> int:
     return summary.exit_code()
 
 
-# An absolute path: works for `python -m`, console scripts and `from stage2.predict import main` alike.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="predict")
+# An absolute config path: works for `python -m`, console scripts and `from stage2.predict import main` alike.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> int | dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

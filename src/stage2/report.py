@@ -27,6 +27,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from . import CONF_DIR
 from . import predict as _predict  # noqa: F401  (registers the stage2_aoi_dir resolver used by report.yaml)
 from .quality import below_target, severity, tile_quality
 from .summary import FAILURES_FILE, SUMMARY_FILE
@@ -392,8 +393,8 @@ def run(cfg: DictConfig) -> int:
     return 0 if chk.ok else 1
 
 
-# An absolute path: works for `python -m`, console scripts and `from stage2.report import main` alike.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="report")
+# An absolute config path: works for `python -m`, console scripts and `from stage2.report import main` alike.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
 def main(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

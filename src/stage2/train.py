@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import CONF_DIR
 from .checkpoint import FORMAT_VERSION, MARKER
 from .predict import RunError, resolve_accelerator, resolve_precision
 
@@ -119,7 +120,7 @@ class RefinerTrainModule(L.LightningModule):
             w = min(1.0, (step + 1) / warm) if warm else 1.0
             if not math.isfinite(total) or total <= 0:       # only max_time bounds the run: no decay
                 return w
-            progress = min(step / max(total, 1), 1.0)
+            progress = min(step / total, 1.0)
             return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -248,7 +249,7 @@ def _run(cfg: DictConfig) -> int:
     lines = [f"stage2 training done in {time.perf_counter() - t0:.0f} s: {trainer.global_step} steps, "
              f"{trainer.current_epoch} epochs, {len(dm.train_sources)} training tiles, "
              f"{len(dm.val_sources)} validation tiles, {precision} on {accelerator}"]
-    score = _best_scores(trainer, ckpt_cb)
+    score = _best_scores(trainer)
     if score:
         lines.append(f"validation (held-out tiles, best epoch): RMSE {score['val_rmse_in']:.4f} -> "
                      f"{score['val_rmse_out']:.4f}, NDVI RMSE {score['val_ndvi_rmse_in']:.4f} -> "
@@ -264,7 +265,7 @@ def _run(cfg: DictConfig) -> int:
     return 0
 
 
-def _best_scores(trainer: L.Trainer, ckpt_cb: Any) -> dict[str, float] | None:
+def _best_scores(trainer: L.Trainer) -> dict[str, float] | None:
     """The validation figures of the epoch whose checkpoint was kept, from the CSV log."""
     import csv
 
@@ -280,8 +281,8 @@ def _best_scores(trainer: L.Trainer, ckpt_cb: Any) -> dict[str, float] | None:
     return {k: float(best[k]) for k in keys}
 
 
-# An absolute path: works for `python -m`, console scripts and `from stage2.train import main` alike.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
+# An absolute config path: works for `python -m`, console scripts and `from stage2.train import main` alike.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> int:
     code = run(cfg)
     if code:

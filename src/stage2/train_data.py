@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .degrade import DegradeParams, degrade, tile_seed
-from .tiles import INPUT_KEY, TileError, _load_array, discover, peek_shape, read_sidecar, read_tile, validate_array
+from .tiles import INPUT_KEY, TileError, _load_array, discover, read_sidecar, validate_array
 
 log = logging.getLogger("stage2")
 
@@ -89,9 +89,12 @@ def read_pair(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_truth(path: str | Path) -> np.ndarray:
-    """A true optical tile (opt_v1 format) as float32 (4, H, W) in [0, 1]; PairError if not."""
+    """A true optical tile (opt_v1 format) as float32 (4, H, W) in [0, 1]; PairError if not.
+
+    Read once per training sample: only the array (scan has already checked the sidecar).
+    """
     try:
-        return read_tile(path).array
+        return validate_array(_load_array(Path(path)))[0]
     except TileError as e:
         raise PairError(f"{path}: {e.reason} ({e.hint})") from None
 
@@ -184,8 +187,8 @@ class RandomCropPairs(Dataset):
             big = truth[:, y:y + size, x:x + size]
             v1 = degrade(big, rng, self.params)
             # cut the margin (or what of it fits) so the crop is exactly `crop` px
-            oy, ox = (size - self.crop) // 2, (size - self.crop) // 2
-            v1, target = v1[:, oy:oy + self.crop, ox:ox + self.crop], big[:, oy:oy + self.crop, ox:ox + self.crop]
+            o = (size - self.crop) // 2
+            v1, target = v1[:, o:o + self.crop, o:o + self.crop], big[:, o:o + self.crop, o:o + self.crop]
         else:
             v1, target = (_reflect_to(a, self.crop) for a in read_pair(src.path))
             y, x = _crop_window(rng, v1.shape[1], v1.shape[2], self.crop)

@@ -71,9 +71,11 @@ class TileWriter(BasePredictionWriter):
         self.model_s += prediction.model_s
         for failure in prediction.batch.failures:
             self._record_failure(failure.path, failure.reason, failure.hint)
-        if prediction.outputs and self.threads == 0:
+        if not prediction.outputs:
+            return
+        if self.threads == 0:
             self._write_batch(prediction)   # inline: on few cores a writer thread only steals from torch
-        elif prediction.outputs:
+        else:
             self._slots.acquire()       # bounded: at most 2 x threads batches wait in memory
             fut = self._pool.submit(self._write_batch, prediction)
             fut.add_done_callback(lambda _: self._slots.release())
