@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+# The two commands of the README: `make demo` and `make test` (and `make lint`). All create .venv when missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
@@ -9,7 +9,7 @@ DEMO_OUT ?= demo_out
 DEMO_EPOCHS ?= 8
 DEMO_SEED ?= 2024
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 $(VENV)/.stage2-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.stage2-installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.stage2-installed
+
+lint: install
+	$(PY) -m ruff check .
 
 test: install
 	$(PY) -m pytest -q tests

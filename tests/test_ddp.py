@@ -52,7 +52,7 @@ def aoi(tmp_path_factory, tiny_ckpt):
 
 
 def _bad_tile_is_on_rank_1(inp: Path, patch_size: int) -> bool:
-    from stage2.data import SizeBucketBatchSampler, TileDataModule
+    from stage2.predict.data import SizeBucketBatchSampler, TileDataModule
     from stage2.tiles import discover
 
     files, _ = discover(inp)

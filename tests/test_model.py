@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import stage2
-from stage2.data import SizeBucketBatchSampler, bucket_key, collate
+from stage2.predict.data import SizeBucketBatchSampler, bucket_key, collate
 from stage2.tiles import Tile
 
 SIZES = [(120, 120), (256, 256), (97, 133)]
@@ -121,7 +121,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
     """cpu_streams=2: the batch runs as two chunks on two threads with half the threads each; same outputs."""
     import threading
 
-    from stage2.module import Stage2Module
+    from stage2.predict.module import Stage2Module
 
     batch, total = _five_tile_batch(), torch.get_num_threads()
     with torch.inference_mode():
@@ -139,7 +139,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
         got = module.predict_step(batch, 0)
     module.on_predict_end()
     assert len(got.outputs) == 5
-    for a, b in zip(ref.outputs, got.outputs):
+    for a, b in zip(ref.outputs, got.outputs, strict=False):
         assert a.shape == b.shape == (4, 256, 240) and np.abs(a - b).max() <= 1e-6
     assert torch.get_num_threads() == total          # the caller's thread count is untouched
     if total >= 2:
@@ -160,7 +160,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
 
 def test_cpu_streams_keep_the_callers_autocast(tiny_model):
     """Autocast is thread-local: chunks on worker threads must still run in the caller's bf16."""
-    from stage2.module import Stage2Module
+    from stage2.predict.module import Stage2Module
 
     batch = _five_tile_batch()
     with torch.inference_mode():
@@ -168,7 +168,7 @@ def test_cpu_streams_keep_the_callers_autocast(tiny_model):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             one = Stage2Module(tiny_model, cpu_streams=1).predict_step(batch, 0)
             two = Stage2Module(tiny_model, cpu_streams=2).predict_step(batch, 0)
-    for a, b, c in zip(one.outputs, two.outputs, fp32.outputs):
+    for a, b, c in zip(one.outputs, two.outputs, fp32.outputs, strict=False):
         assert np.abs(a - b).max() <= 1e-6
         assert np.abs(a - c).max() > 1e-4       # bf16 really was used
 
@@ -177,7 +177,7 @@ def test_keep_freed_memory_is_safe_to_call_and_works_on_glibc():
     """The CPU pipeline keeps freed activations for reuse (fewer page faults); a no-op off glibc."""
     import platform
 
-    from stage2.process import keep_freed_memory
+    from stage2.runtime import keep_freed_memory
 
     result = keep_freed_memory()
     assert isinstance(result, bool)

@@ -21,7 +21,7 @@ def _aoi(tmp_path):
     metas = [{"month": "jun", "biome_code": 4, "tile_id": "a"}, None, {"month": " September ", "extra": [1]},
              {"month": 6.0, "biome_code": "7", "tile_id": "../../x"}, {"month": "2"}, {"biome_code": 15},
              {"month": None, "note": "ü"}]
-    for i, ((h, w), meta) in enumerate(zip(sizes, metas)):
+    for i, ((h, w), meta) in enumerate(zip(sizes, metas, strict=False)):
         make_tile(inp / f"tile_{i:04d}.npz", h, w, seed=i, meta=meta)
     return inp, sizes, metas
 
@@ -35,7 +35,7 @@ def test_predict_writes_every_tile_equal_to_the_model_alone(tmp_path, tiny_ckpt)
     assert "nothing to do" not in r.stdout and "stage2 summary" in r.stdout
 
     model = stage2.load_model(tiny_ckpt)
-    for i, ((h, w), meta) in enumerate(zip(sizes, metas)):
+    for i, ((h, w), meta) in enumerate(zip(sizes, metas, strict=False)):
         name = f"tile_{i:04d}"
         v2 = read_output(out / f"{name}.npz")
         assert v2.dtype == np.float32 and v2.shape == (4, h, w)

@@ -6,9 +6,17 @@ import math
 import numpy as np
 import pytest
 
-from stage2.quality import (EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, below_target, edge_preservation, ndvi,
-                            ndvi_rmse, severity, tile_quality)
-from stage2.summary import RunSummary, TileRecord, quality_summary
+from stage2.predict.summary import RunSummary, TileRecord, quality_summary
+from stage2.quality import (
+    EDGE_PRESERVATION_TARGET,
+    NDVI_RMSE_TARGET,
+    below_target,
+    edge_preservation,
+    ndvi,
+    ndvi_rmse,
+    severity,
+    tile_quality,
+)
 
 
 def _tile(red, nir, h=10, w=10):

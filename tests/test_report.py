@@ -14,7 +14,8 @@ import pytest
 
 from conftest import make_tile, run_cli
 from stage2.quality import severity, tile_quality
-from stage2.report import check_run, make_report
+from stage2.report.app import make_report
+from stage2.report.check import check_run
 from stage2.tiles import read_output
 
 NAMES = ["a_field", "b_field", "c_flat", "field&river's_01"]
@@ -90,7 +91,7 @@ def test_report_over_a_run(run, tmp_path):
     expected_order = sorted(NAMES, key=lambda n: (-severity(quality[n]), n))
     shown = [re.search(r"<td>(?:<a [^>]*>)?([^<]+)", row).group(1) for row in rows]
     assert shown == [n.replace("&", "&amp;").replace("'", "&#x27;") for n in expected_order]
-    for n, row in zip(expected_order, rows):
+    for n, row in zip(expected_order, rows, strict=False):
         assert f"{quality[n]['ndvi_rmse']:.4f}" in row
         if quality[n]["edge_preservation"] is None:
             assert "null" in row and "flat" in row

@@ -18,7 +18,7 @@ from torch import nn
 import stage2
 from conftest import make_tile, run_cli
 from stage2.model import CONF_DIR
-from stage2.predict import run
+from stage2.predict.app import run
 from stage2.tiles import read_output
 
 
@@ -132,17 +132,16 @@ def test_nothing_to_do_path_imports_no_torch(tmp_path, tiny_ckpt):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_tile(inp / "a.npz", 32, 32)
     stage2.write_tile(out, "a", np.zeros((4, 32, 32), np.float32), {"stage": "stage2_refined"})
-    code = ("import sys; sys.argv=['stage2.predict', 'checkpoint=%s', 'input_dir=%s', 'output_dir=%s'];\n"
-            "import stage2.predict\ntry:\n    stage2.predict.main()\nexcept SystemExit as e:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'terratorch' not in sys.modules, 'heavy import'\nprint('LIGHT')"
-            % (tiny_ckpt, inp, out))
+    code = (f"import sys; sys.argv=['stage2.predict', 'checkpoint={tiny_ckpt}', 'input_dir={inp}', 'output_dir={out}'];\n"
+            "import stage2.predict.app\ntry:\n    stage2.predict.app.main()\nexcept SystemExit as e:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'terratorch' not in sys.modules, 'heavy import'\nprint('LIGHT')")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert "LIGHT" in r.stdout and "nothing to do" in r.stdout, r.stderr[-2000:]
 
 
 def test_compile_failure_falls_back_to_eager(tmp_path, tiny_model, monkeypatch, caplog):
-    from stage2.data import collate
-    from stage2.module import Stage2Module
+    from stage2.predict.data import collate
+    from stage2.predict.module import Stage2Module
     from stage2.tiles import Tile
 
     def broken_compile(fn, **kwargs):

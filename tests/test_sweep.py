@@ -98,7 +98,7 @@ def test_sweep_runs_every_aoi_and_reports_each(tmp_path, tiny_ckpt):
 def test_report_exits_zero_when_every_aoi_succeeded_and_forgets_older_sweeps(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from stage2.sweep import JOB_FILE, SweepReport
+    from stage2.predict.sweep import JOB_FILE, SweepReport
 
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     stale = tmp_path / "0_old"

@@ -13,8 +13,8 @@ import torch
 
 import stage2
 from conftest import make_tile, run_cli
-from stage2.degrade import DegradeParams, degrade, degrade_dir
 from stage2.tiles import read_output, read_tile
+from stage2.train.degrade import DegradeParams, degrade, degrade_dir
 
 
 def _truth(seed: int = 0, h: int = 64, w: int = 64) -> np.ndarray:
@@ -71,7 +71,7 @@ def _pairs_dir(path: Path, n: int = 2, size: int = 48) -> Path:
 
 
 def test_pair_data_is_reproducible_and_checks_files(tmp_path):
-    from stage2.train_data import PairDataModule, PairError, RandomCropPairs, read_pair, scan
+    from stage2.train.data import PairDataModule, PairError, RandomCropPairs, read_pair, scan
 
     opt = tmp_path / "opt"
     for i in range(3):
@@ -107,7 +107,7 @@ def test_pair_data_is_reproducible_and_checks_files(tmp_path):
 
 # ----------------------------------------------------------------------------- learning
 def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch():
-    from stage2.train import RefinerTrainModule
+    from stage2.train.module import RefinerTrainModule
 
     torch.manual_seed(0)
     module = RefinerTrainModule(stage2.build_model("prithvi_eo_tiny").train())
@@ -128,8 +128,8 @@ def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch():
 def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path):
     import lightning as L
 
-    from stage2.train import FreezeEncoder, RefinerTrainModule
-    from stage2.train_data import PairDataModule
+    from stage2.train.data import PairDataModule
+    from stage2.train.module import FreezeEncoder, RefinerTrainModule
 
     opt = tmp_path / "opt"
     for i in range(2):
@@ -172,7 +172,7 @@ def test_train_cli_writes_checkpoints_that_load_and_predict(tmp_path):
     assert raw["hyper_parameters"]["stage2_checkpoint"] == 1
     assert raw["hyper_parameters"]["model_config"]["backbone"] == "prithvi_eo_tiny"
     m_pt, m_ckpt = stage2.load_model(pt), stage2.load_model(best[0])
-    assert all(torch.equal(a, b) for a, b in zip(m_pt.state_dict().values(), m_ckpt.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(m_pt.state_dict().values(), m_ckpt.state_dict().values(), strict=False))
     untrained = stage2.build_model("prithvi_eo_tiny")
     assert not torch.equal(m_pt.state_dict()["refine.2.weight"], untrained.state_dict()["refine.2.weight"])
 
@@ -201,7 +201,7 @@ def test_train_cli_says_what_is_wrong_with_its_inputs(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
     from stage2.model import CONF_DIR
-    from stage2.train import run
+    from stage2.train.app import run
 
     r = run_cli(["hardware=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, module="stage2.train")
     assert r.returncode == 2 and "no training data" in r.stderr
@@ -233,7 +233,7 @@ def prithvi_file(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def test_pretrained_weights_load_into_the_encoder_for_our_four_bands(prithvi_file, tmp_path):
-    from stage2.pretrained import PretrainedError, load_pretrained_encoder
+    from stage2.train.pretrained import PretrainedError, load_pretrained_encoder
 
     path, state = prithvi_file
     model = stage2.build_model("prithvi_eo_tiny")
@@ -257,7 +257,7 @@ def test_train_config_starts_from_pretrained_path(prithvi_file):
     from hydra import compose, initialize_config_dir
 
     from stage2.model import CONF_DIR
-    from stage2.train import build_model
+    from stage2.train.app import build_model
 
     path, state = prithvi_file
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -269,8 +269,8 @@ def test_train_config_starts_from_pretrained_path(prithvi_file):
 
 # ----------------------------------------------------------------------------- evaluation
 def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path):
-    from stage2.evaluate import evaluate_dirs
     from stage2.tiles import write_tile
+    from stage2.train.evaluate import evaluate_dirs
 
     truth, s1, out = tmp_path / "truth", tmp_path / "s1", tmp_path / "out"
     arrays = [make_tile(truth / f"t{i}.npz", 32, 40, seed=i) for i in range(2)]

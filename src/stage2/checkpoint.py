@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .runtime import atomic_write
+
 MARKER = "stage2_checkpoint"
 FORMAT_VERSION = 1
 
@@ -39,10 +41,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         "model_config": dict(config),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _read(path: Path) -> Any:
@@ -63,8 +62,12 @@ def _read(path: Path) -> Any:
             "(nothing in it was executed). Use a checkpoint written by stage2.save_checkpoint") from None
     except Exception as e:  # noqa: BLE001 - a damaged file can make the unpickler raise almost anything
         raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'empty'}): "
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {_first_line(e)}): "
             "it is damaged or not a PyTorch file; copy it again or re-save it with stage2.save_checkpoint") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else "empty"
 
 
 def _unpack(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -86,15 +89,6 @@ def _unpack(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     keys = sorted(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
     raise CheckpointError(f"checkpoint {path} is not a Stage 2 checkpoint (no '{MARKER}' marker; found {keys}): "
                           "it may be a Stage 1 or Stage 3 model; pass the Stage 2 refiner checkpoint")
-
-
-def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Open and verify a checkpoint without building the model; return its model config."""
-    path = Path(path)
-    config, state = _unpack(_read(path), path)
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"checkpoint {path} holds no weights: re-save it with stage2.save_checkpoint")
-    return config
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

@@ -3,7 +3,7 @@
 Users of the guide have scripts that call `infer_stage2.py --checkpoint ... --input_dir ...
 --output_dir ...`. This is the only hand-written parser in stage2: each flag becomes a Hydra
 override (or, for a YAML profile, a merge into `hardware`), the config is composed with Hydra's
-compose API from the package's own conf dir, and `stage2.predict.run(cfg)` does the rest, so
+compose API from the package's own conf dir, and `stage2.predict.app.run(cfg)` does the rest, so
 both commands give identical outputs. Like a Hydra app it creates a run dir
 (`outputs/predict/<date>/<time>/`, or `hydra.run.dir=...`) holding `.hydra/` and the log.
 
@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from . import CONF_DIR
-
-DEFAULT_PROFILE = "lowvr"
 
 DESCRIPTION = """\
 Refine Stage 1 tiles (opt_v1) into Stage 2 tiles (opt_v2) with a Prithvi checkpoint.
@@ -44,9 +42,19 @@ exit codes: 0 all tiles written, 1 some tiles failed (see _stage2_failures.jsonl
             2 run-level error (bad flag, checkpoint, folder, --device cuda without CUDA)
 logs: outputs/predict/<date>/<time>/stage2_predict.log (change with hydra.run.dir=DIR)"""
 
-# Keys a YAML profile may set: those of conf/hardware/*.yaml.
-PROFILE_KEYS = ("accelerator", "batch_size", "num_workers", "pin_memory", "amp_precision", "writer_threads",
-                "cpu_streams")
+
+
+def default_profile() -> str:
+    """The hardware profile conf/predict.yaml's defaults list selects (the config is its only home)."""
+    for entry in OmegaConf.load(CONF_DIR / "predict.yaml").defaults:
+        if isinstance(entry, DictConfig) and "hardware" in entry:
+            return str(entry.hardware)
+    raise RuntimeError("conf/predict.yaml selects no hardware profile")
+
+
+DEFAULT_PROFILE = default_profile()
+# Keys a YAML profile may set: those of the default profile (every profile has the same keys).
+PROFILE_KEYS = tuple(str(k) for k in OmegaConf.load(CONF_DIR / "hardware" / f"{DEFAULT_PROFILE}.yaml"))
 
 
 class UsageError(Exception):
@@ -76,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for opt_v2 *.npz + *.json and _stage2_summary.json [output_dir=]")
     p.add_argument("--config", default=DEFAULT_PROFILE, metavar="NAME|YAML",
                    help="hardware profile: cpu, lowvr or highvr, or a YAML file with the same keys "
-                        f"({', '.join(PROFILE_KEYS)}; keys left out come from lowvr) (default: lowvr) [hardware=]")
+                        f"({', '.join(PROFILE_KEYS)}; keys left out come from "
+                        f"{DEFAULT_PROFILE}) (default: {DEFAULT_PROFILE}) [hardware=]")
     p.add_argument("--batch_size", type=_positive_int, default=None, metavar="N",
                    help="tiles per forward pass (default: the profile's, 4 on lowvr as in the guide) [batch_size=]")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
@@ -191,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the guide's flags, compose the Hydra config and run; returns the exit code."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .predict import run
+    from .predict.app import run
 
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
@@ -212,8 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The `stage2-infer` console script: main(), then a fast process exit (see stage2.process)."""
-    from .process import exit_now
+    """The `stage2-infer` console script: main(), then a fast process exit (see stage2.runtime.exit_now)."""
+    from .runtime import exit_now
 
     try:
         code = main()

@@ -6,13 +6,14 @@ terratorch is imported inside `Stage2Refiner.__init__`, so `import stage2` and t
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CONF_DIR  # noqa: F401 (also re-exported: stage2.model.CONF_DIR)
+from . import CONF_DIR
 
 # Prithvi's per-band statistics are in reflectance x 10000; ours are reflectance in [0, 1].
 _PRITHVI_BAND_INDEX = [0, 1, 2, 3]  # BLUE, GREEN, RED, NIR_NARROW in terratorch's PRETRAINED_BANDS
@@ -57,9 +58,8 @@ class Stage2Refiner(nn.Module):
     `forward` takes any H, W >= 16: it reflect-pads to a multiple of the patch size and crops back.
     """
 
-    def __init__(self, backbone: str = "prithvi_eo_tiny", decoder_channels: int = 32,
-                 refine_channels: int = 32, n_months: int = 12, n_biomes: int = 16,
-                 name: str | None = None) -> None:
+    def __init__(self, *, backbone: str, decoder_channels: int, refine_channels: int, n_months: int,
+                 n_biomes: int, name: str | None = None) -> None:
         super().__init__()
         from terratorch.datasets import HLSBands
         from terratorch.models.backbones import prithvi_vit

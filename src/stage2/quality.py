@@ -4,6 +4,8 @@
   must not change the vegetation signal Stage 3 relies on.
 - Edge preservation: Pearson correlation of the Sobel gradient magnitude of the NIR band of
   opt_v1 and opt_v2 (target > 0.90): refinement must not blur or invent field boundaries.
+- Against a truth (`compare`: RMSE, PSNR, and both of the above), for stage2.evaluate and the
+  training validation.
 
 Pure numpy/scipy so the writer threads and the report can use it without torch.
 """
@@ -23,6 +25,9 @@ EPS = 1e-8
 # of round-off is noise. Such tiles get edge_preservation = None (JSON null) and are counted as flat.
 FLAT_STD = 1e-6
 RED, NIR = 2, 3                  # band indices in [B02, B03, B04, B08]
+# Scores against a truth (stage2.train.evaluate, training validation), and which way is better.
+METRICS = ("rmse", "psnr", "ndvi_rmse", "edge_preservation")
+LOWER_IS_BETTER = {"rmse": True, "psnr": False, "ndvi_rmse": True, "edge_preservation": False}
 
 
 def _float(a: np.ndarray) -> np.ndarray:
@@ -96,3 +101,26 @@ def severity(q: dict[str, float | None]) -> float:
     if e is not None:
         parts.append((1.0 - e) / (1.0 - EDGE_PRESERVATION_TARGET))
     return max(parts) if parts else -1.0
+
+
+def rmse(truth: np.ndarray, estimate: np.ndarray) -> float:
+    d = np.asarray(estimate, np.float64) - np.asarray(truth, np.float64)
+    return float(np.sqrt(np.mean(d * d)))
+
+
+def psnr(truth: np.ndarray, estimate: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB for reflectance in [0, 1] (peak 1); inf for identical tiles."""
+    return _psnr_from_rmse(rmse(truth, estimate))
+
+
+def _psnr_from_rmse(e: float) -> float:
+    return math.inf if e == 0 else 20.0 * math.log10(1.0 / e)
+
+
+def compare(truth: np.ndarray, estimate: np.ndarray) -> dict[str, float | None]:
+    """RMSE, PSNR, NDVI RMSE and edge preservation of `estimate` against `truth`, both (4, H, W)."""
+    if np.shape(truth) != np.shape(estimate):
+        raise ValueError(f"shapes differ: truth {np.shape(truth)}, estimate {np.shape(estimate)}")
+    e = rmse(truth, estimate)
+    return {"rmse": e, "psnr": _psnr_from_rmse(e),
+            "ndvi_rmse": ndvi_rmse(truth, estimate), "edge_preservation": edge_preservation(truth, estimate)}

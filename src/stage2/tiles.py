@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .runtime import TMP_SUFFIX, atomic_write, atomic_write_text
+
 INPUT_KEY = "opt_v1"
 OUTPUT_KEY = "opt_v2"
 N_BANDS = 4
@@ -25,7 +27,9 @@ MIN_SIDE = 16
 DEFAULT_MONTH = 6
 DEFAULT_BIOME = 0
 CLIP_TOLERANCE = 0.01
-TMP_SUFFIX = ".tmp"
+# The run's own files in output_dir (never outputs: their names start with "_stage2_").
+SUMMARY_FILE = "_stage2_summary.json"
+FAILURES_FILE = "_stage2_failures.jsonl"
 
 _MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
            "september", "october", "november", "december"]
@@ -178,7 +182,8 @@ def read_sidecar(npz_path: Path) -> tuple[dict[str, Any], int, int, list[str]]:
             biome = normalise_biome(meta["biome_code"])
     except ValueError as e:
         raise TileError(f"sidecar {js.name}: {e}",
-                        "use month 1-12 (or a name such as 'jun') and biome_code 0-15, or null for the default") from None
+                        "use month 1-12 (or a name such as 'jun') and biome_code 0-15, "
+                        "or null for the default") from None
     # The values the model used, also where they were defaulted (listed in metadata_defaults).
     meta = {**meta, "month": month, "biome_code": biome}
     return meta, month, biome, defaults
@@ -304,18 +309,6 @@ def load_tile(path: Path, input_dir: Path) -> Tile | TileFailure:
 
 # --------------------------------------------------------------------------- writing
 
-def _atomic_write(final: Path, write) -> None:
-    """Write through `write(fileobj)` to `.<name>.<pid>.tmp` beside `final`, then rename over it."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_tile(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, meta: dict[str, Any]) -> Path:
     """Write `<name>.npz` (key opt_v2) then `<name>.json`, each atomically; return the JSON path.
 
@@ -324,9 +317,8 @@ def write_tile(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, met
     npz_path, json_path = output_paths(Path(output_dir), name)
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
-    _atomic_write(npz_path, lambda f: np.savez(f, **{OUTPUT_KEY: arr}))
-    text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    _atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(npz_path, lambda f: np.savez(f, **{OUTPUT_KEY: arr}))
+    atomic_write_text(json_path, json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return json_path
 
 

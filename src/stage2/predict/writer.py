@@ -3,7 +3,8 @@
 On a GPU, outputs are written by a small thread pool with a bounded queue, so the next forward
 pass does not wait for the disk; on a few-core CPU (`writer_threads=0`, the `cpu` profile) they are
 written between batches, because a writer thread there only takes a core from torch's threads.
-Either way each tile is written atomically (NPZ, then JSON) and exactly once. Failures from the DataModule arrive on the same road and are logged as JSON lines.
+Either way each tile is written atomically (NPZ, then JSON) and exactly once. Failures from the
+DataModule arrive on the same road and are logged as JSON lines.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..tiles import FAILURES_FILE, remove_stale_temporaries, write_tile
 from .module import Prediction
-from .summary import FAILURES_FILE, FIRST_FAILURES, TileRecord
-from .tiles import remove_stale_temporaries, write_tile
+from .summary import FIRST_FAILURES, TileRecord
 
 log = logging.getLogger("stage2")
 
@@ -32,8 +33,7 @@ log = logging.getLogger("stage2")
 class TileWriter(BasePredictionWriter):
     """Writes opt_v2 NPZ + JSON per tile and `_stage2_failures.jsonl`; gathers the run's counts."""
 
-    def __init__(self, output_dir: str | Path, processing: dict[str, Any], quality: bool = True,
-                 threads: int = 2) -> None:
+    def __init__(self, *, output_dir: str | Path, processing: dict[str, Any], quality: bool, threads: int) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.processing = processing        # run-wide `processing` fields of the output JSON
@@ -112,11 +112,11 @@ class TileWriter(BasePredictionWriter):
         tiles = pred.batch.tiles
         per_tile_ms = 1000.0 * pred.model_s / max(len(tiles), 1)
         stamp = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
-        for tile, out, fallback in zip(tiles, pred.outputs, pred.cpu_fallback):
+        for tile, out, fallback in zip(tiles, pred.outputs, pred.cpu_fallback, strict=True):
             try:
                 q = None
                 if self.quality:
-                    from .quality import tile_quality
+                    from ..quality import tile_quality
                     q = tile_quality(tile.array, out)
                 meta = {
                     **tile.meta,

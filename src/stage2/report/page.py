@@ -13,13 +13,11 @@ import html
 import json
 from datetime import datetime, timezone
 from string import Template
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
-from .quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET
-
-if TYPE_CHECKING:
-    from .report import RunCheck, TileRow
+from ..quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET
+from .check import RunCheck, TileRow
 
 SUMMARY_ORDER = ("found", "processed", "skipped", "failed", "ignored", "metadata_defaults", "clipped",
                  "cpu_fallbacks", "tiles_per_s", "wall_s", "device", "precision", "batch_size", "model",
@@ -59,7 +57,8 @@ nav a { margin-right: 1em; }
 </head>
 <body data-images="pending">
 <h1>stage2 report</h1>
-<nav><a href="#checks">checks</a><a href="#run">run summary</a><a href="#failures">failures</a><a href="#quality">quality</a><a href="#tiles">tiles</a><a href="#figures">figures</a></nav>
+<nav><a href="#checks">checks</a><a href="#run">run summary</a><a href="#failures">failures</a>
+<a href="#quality">quality</a><a href="#tiles">tiles</a><a href="#figures">figures</a></nav>
 <p class="status $status_class">$status_text</p>
 <p id="broken" class="status bad" hidden></p>
 <table>
@@ -205,7 +204,8 @@ def _run_summary(summary: dict[str, Any] | None) -> str:
 def _failures(failures: list[dict[str, Any]]) -> str:
     if not failures:
         return "<p class=\"ok\">No failures recorded (<code>_stage2_failures.jsonl</code>).</p>"
-    rows = "\n".join(f"<tr><td>{esc(f.get('file'))}</td><td>{esc(f.get('reason'))}</td><td>{esc(f.get('hint'))}</td></tr>"
+    rows = "\n".join(f"<tr><td>{esc(f.get('file'))}</td><td>{esc(f.get('reason'))}</td>"
+                     f"<td>{esc(f.get('hint'))}</td></tr>"
                      for f in failures)
     return f"<table>\n<tr><th>file</th><th>reason</th><th>what to do</th></tr>\n{rows}\n</table>"
 

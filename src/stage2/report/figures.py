@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, ndvi
+from ..quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, ndvi
 
 RGB_GAIN = 2.0          # the guide's display stretch: reflectance x 2, clipped to [0, 1]
 DARK = 0.1              # a tile whose x2 display has its 99th percentile below this looks black

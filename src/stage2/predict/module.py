@@ -45,7 +45,7 @@ STREAM_MIN_TOKENS = 128
 class Stage2Module(L.LightningModule):
     """Wraps Stage2Refiner for `trainer.predict`; the writer callback does all file output."""
 
-    def __init__(self, model: nn.Module, compile: bool = False, cpu_streams: int = 1) -> None:
+    def __init__(self, model: nn.Module, *, compile: bool, cpu_streams: int) -> None:
         super().__init__()
         self.model = model
         self.compile = compile
@@ -62,7 +62,7 @@ class Stage2Module(L.LightningModule):
 
     def on_predict_start(self) -> None:
         if self.device.type == "cpu":
-            from .process import keep_freed_memory
+            from ..runtime import keep_freed_memory
 
             keep_freed_memory()
 
@@ -110,7 +110,7 @@ class Stage2Module(L.LightningModule):
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.cpu_streams, thread_name_prefix="stage2-stream")
-        chunks = zip(x.tensor_split(n), month.tensor_split(n), biome.tensor_split(n))
+        chunks = zip(x.tensor_split(n), month.tensor_split(n), biome.tensor_split(n), strict=True)
         futures = [self._pool.submit(run, c) for c in chunks]
         return torch.cat([f.result() for f in futures])
 

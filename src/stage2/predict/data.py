@@ -9,17 +9,16 @@ thus independent of its neighbours, of the batch size and of the worker count.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Iterator, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .model import pad_to_multiple, padded_size
-from .tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, load_tile, peek_shape
+from ..model import pad_to_multiple, padded_size
+from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, load_tile, peek_shape
 
 
 @dataclass
@@ -36,12 +35,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.tiles) + len(self.failures)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         if self.x is not None:
             self.x = self.x.pin_memory()
         return self
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         if self.x is not None:
             self.x = self.x.to(device, non_blocking=non_blocking)
             self.month = self.month.to(device, non_blocking=non_blocking)
@@ -123,8 +122,8 @@ class _Collate:
 class TileDataModule(L.LightningDataModule):
     """Owns the tile list, the size-bucketing sampler and the DataLoader for `trainer.predict`."""
 
-    def __init__(self, files: Sequence[Path], input_dir: str | Path, batch_size: int = 4,
-                 num_workers: int = 0, pin_memory: bool = False, patch_size: int = 16) -> None:
+    def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
+                 pin_memory: bool, patch_size: int) -> None:
         super().__init__()
         self.files = list(files)
         self.input_dir = Path(input_dir)
@@ -161,9 +160,3 @@ class TileDataModule(L.LightningDataModule):
     def tiles_on_rank(self, rank: int, world: int) -> int:
         sampler = SizeBucketBatchSampler(self.bucket_keys(), self.batch_size, rank, world)
         return sum(len(b) for b in sampler.batches)
-
-
-def stack_for_model(arrays: Sequence[np.ndarray], multiple: int) -> torch.Tensor:
-    """Pad-and-stack helper for notebooks and benchmarks (same padding as the pipeline)."""
-    return torch.cat([pad_to_multiple(torch.from_numpy(np.asarray(a, np.float32)).unsqueeze(0), multiple)
-                      for a in arrays])

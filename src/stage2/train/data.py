@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..tiles import INPUT_KEY, MIN_SIDE, TileError, _load_array, discover, read_sidecar, validate_array
 from .degrade import DegradeParams, degrade, tile_seed
-from .tiles import INPUT_KEY, TileError, _load_array, discover, read_sidecar, validate_array
 
 log = logging.getLogger("stage2")
 
@@ -73,7 +74,8 @@ def read_pair(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             if TARGET_KEY not in npz.files:
                 raise PairError(f"{path}: no '{TARGET_KEY}' array (found keys: {list(npz.files)}): a real training "
-                                f"pair holds the Stage 1 output as '{INPUT_KEY}' and the true optical as '{TARGET_KEY}'")
+                                f"pair holds the Stage 1 output as '{INPUT_KEY}' and the true optical as "
+                                f"'{TARGET_KEY}'")
             target = npz[TARGET_KEY]
     except TileError as e:
         raise PairError(f"{path}: {e.reason} ({e.hint})") from None
@@ -246,16 +248,16 @@ class EpochSampler(Sampler[int]):
 class PairDataModule(L.LightningDataModule):
     """Real and/or simulated training pairs: random crops for training, whole held-out tiles for validation."""
 
-    def __init__(self, pairs_dir: str | Path | None = None, optical_dir: str | Path | None = None,
-                 crop: int = 96, batch_size: int = 16, samples_per_epoch: int = 1024, val_fraction: float = 0.15,
-                 seed: int = 0, val_seed: int = 1, degrade: Mapping[str, Any] | DegradeParams | None = None,
-                 num_workers: int = 0, pin_memory: bool = False, patch_size: int = 16) -> None:
+    def __init__(self, *, pairs_dir: str | Path | None, optical_dir: str | Path | None, crop: int, batch_size: int,
+                 samples_per_epoch: int, val_fraction: float, seed: int, val_seed: int,
+                 degrade: Mapping[str, Any] | DegradeParams, num_workers: int, pin_memory: bool) -> None:
+        """Settings from conf/train.yaml's `data` and `degrade` (the app checks crop against the patch size)."""
         super().__init__()
         if pairs_dir in (None, "") and optical_dir in (None, ""):
             raise PairError("no training data: set pairs_dir=DIR (real Stage 1 / optical pairs) and/or "
                             "optical_dir=DIR (true optical tiles, degraded on the fly)")
-        if crop < 16 or crop % patch_size:
-            raise ValueError(f"crop must be a multiple of the model's patch size {patch_size} (>= 16), got {crop}")
+        if crop < MIN_SIDE:
+            raise ValueError(f"crop must be at least {MIN_SIDE} px (a multiple of the model's patch size), got {crop}")
         self.pairs_dir = None if pairs_dir in (None, "") else Path(pairs_dir)
         self.optical_dir = None if optical_dir in (None, "") else Path(optical_dir)
         self.crop, self.batch_size = int(crop), int(batch_size)

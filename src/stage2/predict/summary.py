@@ -6,13 +6,13 @@ Pure Python (no torch), so the "nothing to do" path can use it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUMMARY_FILE = "_stage2_summary.json"
-FAILURES_FILE = "_stage2_failures.jsonl"
+from ..runtime import atomic_write_text
+from ..tiles import FAILURES_FILE, SUMMARY_FILE
+
 FIRST_FAILURES = 5
 
 
@@ -54,14 +54,10 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, output_dir: str | os.PathLike) -> Path:
+    def save(self, output_dir: str | Path) -> Path:
         """Atomically write `_stage2_summary.json`."""
-        path = Path(output_dir) / SUMMARY_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        text = json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        return atomic_write_text(Path(output_dir) / SUMMARY_FILE, text)
 
     def exit_code(self) -> int:
         return 1 if self.failed else 0
@@ -97,7 +93,7 @@ def _f(x: float | None) -> str:
 
 def quality_summary(records: list[TileRecord]) -> dict[str, Any]:
     """Mean and worst of both metrics with the worst tiles' names, and the count below target."""
-    from .quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, below_target
+    from ..quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, below_target
 
     def stats(key: str, worst_is_max: bool) -> dict[str, Any]:
         vals = [(getattr(r, key), r.name) for r in records if getattr(r, key) is not None]

@@ -1,7 +1,7 @@
 """AOI sweeps (`python -m stage2.predict -m aoi=a,b,c`): one line per AOI and the sweep's exit code.
 
 `SweepReport` is a Hydra Callback (configured under `hydra.callbacks` in conf/predict.yaml). Each
-AOI job returns its outcome (see `stage2.predict.main`); `on_job_end` writes it as
+AOI job returns its outcome (see `stage2.predict.app.main`); `on_job_end` writes it as
 `stage2_job.json` into the job's own run dir, and `on_multirun_end` reads every job's file, prints
 one line per AOI and exits non-zero when any AOI failed, after all of them have run. Going through
 files, not memory, is what makes it work with remote launchers too: with Hydra's submitit
@@ -21,6 +21,8 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from ..runtime import atomic_write_text
 
 log = logging.getLogger("stage2")
 
@@ -56,9 +58,7 @@ class SweepReport(Callback):
         outcome.update(job_num=int(config.hydra.job.num), job_dir=str(job_dir),
                        overrides=list(job_return.overrides or []))
         job_dir.mkdir(parents=True, exist_ok=True)
-        tmp = job_dir / f".{JOB_FILE}.tmp"
-        tmp.write_text(json.dumps(outcome, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(job_dir / JOB_FILE)
+        atomic_write_text(job_dir / JOB_FILE, json.dumps(outcome, indent=2, default=str) + "\n")
         log.info("sweep job %d: %s", outcome["job_num"], format_line(outcome))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -1,0 +1,7 @@
+"""`python -m stage2.predict ...`: the predict app, then a fast process exit (stage2.runtime.exit_now)."""
+
+from ..runtime import run_then_exit
+from .app import main
+
+if __name__ == "__main__":
+    run_then_exit(main)

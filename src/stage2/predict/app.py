@@ -1,0 +1,238 @@
+"""The predict app: `python -m stage2.predict checkpoint=... input_dir=... output_dir=...` (SPEC 4).
+
+A run is four named steps, in the order users need them:
+- plan: check paths, find tiles, decide what is already done (no torch, no terratorch);
+- build: load and verify the checkpoint before any tile is read, then instantiate the data
+  module, writer and module from the config;
+- execute: Lightning's `trainer.predict`, with the DDP state scoped to this run;
+- summarise: one screen and `_stage2_summary.json`, and the exit code.
+A finished AOI returns after `plan` ("nothing to do"), without heavy imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .. import CONF_DIR, __version__
+from ..runtime import RunError, exit_with, guarded, register_resolvers, require_dir
+from ..tiles import discover, is_done, remove_stale_temporaries, tile_name
+
+log = logging.getLogger("stage2")
+register_resolvers()
+
+# Lightning's notes about our own sampler and transfer hook are expected.
+EXPECTED_WARNINGS = (".*custom batch sampler.*", ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
+                     ".*does not have many workers.*")
+
+
+@dataclass
+class Plan:
+    """What the run will do, decided before any tile is read."""
+
+    input_dir: Path
+    output_dir: Path
+    checkpoint: Path
+    todo: list[Path]
+    ignored: list[Path]
+    done: int
+
+
+@dataclass
+class Parts:
+    """The objects of one run, built from the config."""
+
+    trainer: Any
+    module: Any
+    data: Any
+    writer: Any
+    processing: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- plan
+def _required_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:
+    if cfg.input_dir is None:
+        raise RunError("input_dir is not set: pass input_dir=DIR (or aoi=NAME with data_root=DIR)")
+    if cfg.output_dir is None:
+        raise RunError("output_dir is not set: pass output_dir=DIR (or aoi=NAME with data_root=DIR)")
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise RunError("checkpoint is not set: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
+    return (Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser(),
+            Path(cfg.checkpoint).expanduser())
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Check run-level inputs and list the tiles still to do."""
+    input_dir, output_dir, ckpt = _required_paths(cfg)
+    if not ckpt.is_file():
+        what = "does not exist" if not ckpt.exists() else "is not a file"
+        raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
+    require_dir(input_dir, "input_dir", "point input_dir at the folder of Stage 1 tiles")
+    files, ignored = discover(input_dir, bool(cfg.recursive))
+    for p in ignored:
+        log.warning("ignored %s: named .npz but not a file", p)
+    if not files:
+        raise RunError(f"No NPZ tiles found in {input_dir}")
+    if output_dir.resolve() == input_dir.resolve():
+        raise RunError(f"output_dir {output_dir} is the input_dir: write Stage 2 outputs to another folder")
+    todo = [f for f in files if not (cfg.skip_existing and is_done(output_dir, tile_name(f, input_dir)))]
+    return Plan(input_dir, output_dir, ckpt, todo, ignored, len(files) - len(todo))
+
+
+def nothing_to_do(p: Plan, outcome: dict[str, Any]) -> int:
+    """The fast path of a finished AOI: no model, no checkpoint load."""
+    remove_stale_temporaries(p.output_dir)
+    msg = f"nothing to do: {p.done} tiles already done in {p.output_dir}"
+    print(msg)
+    log.info(msg)
+    outcome["nothing_to_do"] = p.done
+    return 0
+
+
+# ---------------------------------------------------------------------------- build
+def load_checked_model(checkpoint: Path) -> Any:
+    """The checkpoint's model, or a RunError naming the file and the problem."""
+    from ..checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(checkpoint)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+
+
+def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
+    """Trainer, module, data module and writer for this run; the config describes each of them."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ..runtime import resolve_accelerator, resolve_precision, uses_amp
+    from .progress import TileProgressBar
+
+    accelerator = resolve_accelerator(cfg)
+    precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
+    data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size)
+    processing = {
+        "checkpoint": str(p.checkpoint.resolve()),
+        "use_amp": uses_amp(precision),
+        "precision": precision,
+        "batch_size": int(cfg.batch_size),
+        "model": model.config["name"],
+        "stage2_version": __version__,
+    }
+    writer = instantiate(cfg.writer)(output_dir=p.output_dir, processing=processing)
+    bar = TileProgressBar(lambda tr: data.tiles_on_rank(tr.global_rank, tr.world_size))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.update(accelerator=accelerator, precision=precision)
+    trainer = L.Trainer(**trainer_kwargs, callbacks=[writer, bar])
+    module = instantiate(cfg.module)(model=model)
+    return Parts(trainer, module, data, writer, processing)
+
+
+# ---------------------------------------------------------------------------- execute
+def execute(parts: Parts, t0: float) -> tuple[list[Any], list[dict[str, str]], float]:
+    """trainer.predict over the data; returns records, failures and tiles/s gathered over all ranks."""
+    import warnings
+
+    from ..distributed import distributed_scope
+
+    for pattern in EXPECTED_WARNINGS:     # set after terratorch's import, which resets warning filters
+        warnings.filterwarnings("ignore", message=pattern)
+    with distributed_scope():      # DDP children, env and process group live as long as this run
+        try:
+            log.info("trainer ready at %.1f s", time.perf_counter() - t0)
+            parts.trainer.predict(parts.module, datamodule=parts.data, return_predictions=False)
+            log.info("predict done at %.1f s", time.perf_counter() - t0)
+        finally:
+            parts.writer.close()
+        return parts.writer.gathered(parts.trainer)
+
+
+# ---------------------------------------------------------------------------- summarise
+def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
+              t0: float, outcome: dict[str, Any]) -> int:
+    """Print and save the run summary (rank 0); return the exit code."""
+    from .summary import RunSummary, quality_summary
+    from .writer import first_failures
+
+    records, failures, tiles_per_s = result
+    trainer, module = parts.trainer, parts.module
+    device = str(module.device) if trainer.world_size == 1 else f"{module.device.type} x {trainer.world_size}"
+    summary = RunSummary(
+        found=len(p.todo) + p.done, processed=len(records), skipped=p.done, failed=len(failures),
+        ignored=len(p.ignored), metadata_defaults=sum(r.defaults for r in records),
+        clipped=sum(r.clipped for r in records), cpu_fallbacks=sum(r.cpu_fallback for r in records),
+        tiles_per_s=round(tiles_per_s, 3), wall_s=round(time.perf_counter() - t0, 3), device=device,
+        precision=parts.processing["precision"], batch_size=int(cfg.batch_size),
+        model=parts.processing["model"], checkpoint=parts.processing["checkpoint"], input_dir=str(p.input_dir),
+        output_dir=str(p.output_dir), first_failures=first_failures(failures),
+        quality=quality_summary(records) if cfg.quality else None, stage2_version=__version__,
+    )
+    summary.save(p.output_dir)
+    outcome["summary"] = summary.to_json()
+    text = summary.format()
+    print(text)
+    log.info("\n%s", text)
+    return summary.exit_code()
+
+
+# ---------------------------------------------------------------------------- the run
+def run(cfg: DictConfig, outcome: dict[str, Any] | None = None) -> int:
+    """One Stage 2 run; returns the exit code (0 ok, 1 some tiles failed, 2 run-level error, 130 Ctrl-C).
+
+    `outcome`, when given, is filled with what a sweep report needs (the summary's counts, the
+    error, or how many tiles were already done), so it never has to trust an older summary file.
+    """
+    outcome = {} if outcome is None else outcome
+    return guarded(lambda: _steps(cfg, outcome), cfg, outcome=outcome)
+
+
+def _steps(cfg: DictConfig, outcome: dict[str, Any]) -> int:
+    t0 = time.perf_counter()
+    p = plan(cfg)
+    outcome["output_dir"] = str(p.output_dir)
+    if not p.todo:
+        return nothing_to_do(p, outcome)
+    logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
+    log.info("%d tiles to do, %d already done; %.1f s", len(p.todo), p.done, time.perf_counter() - t0)
+    model = load_checked_model(p.checkpoint)
+    log.info("checkpoint loaded (%s) at %.1f s", model.config["name"], time.perf_counter() - t0)
+    parts = build(cfg, p, model)
+    result = execute(parts, t0)
+    outcome["rank"] = parts.trainer.global_rank
+    if not parts.trainer.is_global_zero:
+        # Rank 0 reports the run and sets its exit code. A non-zero exit here would make
+        # Lightning's process observer SIGKILL rank 0 before it writes the summary.
+        return 0
+    return summarise(cfg, p, parts, result, t0, outcome)
+
+
+def sweep_job(cfg: DictConfig) -> dict[str, Any]:
+    """One AOI of a sweep: never stops the sweep (no sys.exit, no exception out of here).
+
+    The outcome goes to stage2.predict.sweep.SweepReport, which prints a line per AOI and sets the
+    sweep's exit code.
+    """
+    outcome: dict[str, Any] = {"aoi": cfg.get("aoi"), "input_dir": cfg.get("input_dir")}
+    try:
+        outcome["code"] = run(cfg, outcome)
+    except Exception as e:  # a bug or an unexpected error in this AOI: log it, go on with the others
+        log.exception("this AOI stopped with an unexpected error")
+        outcome.update(code=1, error=f"unexpected {type(e).__name__}: {e} (traceback in the job log)")
+    return outcome
+
+
+# An absolute config path: works for `python -m`, console scripts and `from stage2.predict.app import main`.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
+def main(cfg: DictConfig) -> int | dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return sweep_job(cfg)
+    return exit_with(run(cfg))

@@ -1,0 +1,144 @@
+"""`python -m stage2.report input_dir=... output_dir=... [report_dir=...] [max_tiles=N]` (SPEC 7).
+
+A read-only check of a finished Stage 2 run, and the pictures a person needs to trust it:
+- counts: every input has a complete output and every output has an input (names listed either way,
+  with the failure reason from `_stage2_failures.jsonl` where the run recorded one);
+- every output: JSON an object with the Stage 2 keys and no NaN, NPZ `opt_v2` float32 (4, H, W) with
+  the input's H and W, finite, in [0, 1];
+- per tile quality: from the output JSON, or computed here when the run had `quality=false`;
+- `report_dir/tiles/<name>.png` (worst quality first, up to max_tiles), `quality.png`, `index.html`.
+
+Exit 0 when everything checks out, 1 when counts do not match or an output is invalid (the report is
+still written and says which), 2 for run-level problems (a folder missing) with one line naming it.
+The last line printed is `report: <absolute path>/index.html`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .. import CONF_DIR
+from ..runtime import RunError, atomic_write_text, exit_with, guarded, register_resolvers, require_dir
+from ..tiles import TileError, discover, read_output, read_tile
+from .check import RunCheck, check_run, worst_first
+
+register_resolvers()      # report.yaml's ${stage2_aoi_dir:...}
+
+INDEX_FILE = "index.html"
+QUALITY_PNG = "quality.png"
+TILES_DIR = "tiles"
+SHOW_PROBLEMS = 20          # problems printed on the terminal; index.html lists all
+
+
+def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
+    """One comparison PNG per tile, worst quality first, up to max_tiles; returns how many."""
+    from .figures import tile_figure
+
+    tiles_dir = report_dir / TILES_DIR
+    if tiles_dir.is_dir():                 # PNGs of an earlier report would be stale
+        for old in tiles_dir.rglob("*.png"):
+            old.unlink()
+    n = 0
+    for row in worst_first(chk.rows)[:max_tiles]:
+        try:
+            v1 = read_tile(chk.input_paths[row.name]).array
+            v2 = read_output(chk.output_dir / f"{row.name}.npz")
+        except (TileError, OSError, KeyError, ValueError) as e:
+            chk.notes.append(f"no figure for {row.name}: {e}")
+            continue
+        rel = f"{TILES_DIR}/{row.name}.png"
+        tile_figure(report_dir / rel, row.name, v1, v2, row.month, row.biome, row.ndvi_rmse,
+                    row.edge_preservation, row.below)
+        row.png = rel
+        n += 1
+    return n
+
+
+def terminal_lines(chk: RunCheck, n_png: int) -> list[str]:
+    """What the report prints (before the final `report:` line)."""
+    rmse = [r.ndvi_rmse for r in chk.rows if r.ndvi_rmse is not None]
+    edge = [r.edge_preservation for r in chk.rows if r.edge_preservation is not None]
+    lines = ["stage2 report",
+             f"  tiles     inputs {chk.inputs}   complete outputs {chk.outputs}   problems {len(chk.problems)}"
+             f"   run failures {len(chk.failures)}"]
+    if rmse or edge:
+        lines.append(f"  quality   NDVI RMSE mean {_mean(rmse)} worst {_fmt(max(rmse, default=None))}   "
+                     f"edge pres. mean {_mean(edge)} worst {_fmt(min(edge, default=None))}")
+        lines.append(f"            {sum(r.below for r in chk.rows)} tiles below target, "
+                     f"{sum(r.flat for r in chk.rows)} flat (edge preservation undefined)")
+    lines.append(f"  figures   {n_png} tile PNGs (worst quality first), {QUALITY_PNG}")
+    for p in chk.problems[:SHOW_PROBLEMS]:
+        lines.append(f"  PROBLEM   {p.line()}")
+    if len(chk.problems) > SHOW_PROBLEMS:
+        lines.append(f"  ... and {len(chk.problems) - SHOW_PROBLEMS} more problems, all listed in {INDEX_FILE}")
+    for note in chk.notes:
+        lines.append(f"  note      {note}")
+    return lines
+
+
+def _mean(v: list[float]) -> str:
+    return _fmt(sum(v) / len(v) if v else None)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def make_report(input_dir: Path, output_dir: Path, report_dir: Path, max_tiles: int,
+                recursive: bool) -> tuple[RunCheck, Path, list[str]]:
+    """Check the run and write the report; returns the check, index.html's path and the terminal lines."""
+    from .figures import summary_figure
+    from .page import render_index
+
+    for label, d in (("input_dir", input_dir), ("output_dir", output_dir)):
+        require_dir(d, label, f"pass {label}=DIR of the Stage 2 run to report on")
+    if not discover(input_dir, recursive)[0]:
+        raise RunError(f"No NPZ tiles found in {input_dir}: point input_dir at the Stage 1 tiles the run read")
+    if max_tiles < 0:
+        raise RunError(f"max_tiles={max_tiles}: pass 0 or more")
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"report_dir {report_dir} cannot be created: {e.strerror}") from None
+
+    chk = check_run(input_dir, output_dir, report_dir, recursive)
+    n_png = draw_tiles(chk, report_dir, max_tiles)
+    rmse = [r.ndvi_rmse for r in chk.rows if r.ndvi_rmse is not None]
+    edge = [r.edge_preservation for r in chk.rows if r.edge_preservation is not None]
+    summary_figure(report_dir / QUALITY_PNG, rmse, edge, len(chk.rows), sum(r.flat for r in chk.rows))
+    index = report_dir / INDEX_FILE
+    atomic_write_text(index, render_index(chk, worst_first(chk.rows), QUALITY_PNG, max_tiles))
+    return chk, index.resolve(), terminal_lines(chk, n_png)
+
+
+def run(cfg: DictConfig) -> int:
+    """One report; returns the exit code (0 all good, 1 counts/outputs wrong, 2 run-level error)."""
+    def steps() -> int:
+        if cfg.input_dir is None:
+            raise RunError("input_dir is not set: pass input_dir=DIR (the Stage 1 tiles the run read)")
+        if cfg.output_dir is None:
+            raise RunError("output_dir is not set: pass output_dir=DIR (the Stage 2 run's output_dir)")
+        try:
+            max_tiles = int(cfg.max_tiles)
+        except (TypeError, ValueError):
+            raise RunError(f"max_tiles={cfg.max_tiles!r} is not a whole number") from None
+        chk, index, lines = make_report(Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser(),
+                                        Path(cfg.report_dir).expanduser(), max_tiles, bool(cfg.recursive))
+        print("\n".join(lines))
+        print(f"report: {index}", flush=True)
+        return 0 if chk.ok else 1
+
+    return guarded(steps, cfg, prog="stage2 report")
+
+
+# An absolute config path: works for `python -m`, console scripts and `from stage2.report.app import main`.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
+def main(cfg: DictConfig) -> int:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    code = run(cfg)
+    return code if HydraConfig.get().mode == RunMode.MULTIRUN else exit_with(code)

@@ -1,0 +1,171 @@
+"""A seeded imitation of a SAR-to-optical translator's errors, to make training pairs from real optical.
+
+Real (Stage 1 output, true optical) pairs are the best training data, but a user often has optical
+tiles and no Stage 1 model yet. This module turns a true optical tile into a plausible Stage 1
+output, so the refiner can learn to undo the kind of errors a translator makes:
+
+1. misregistration: a sub-pixel shift of the whole tile, uniform in [-max_shift, max_shift] px
+   per axis (SAR and optical geometries never line up exactly);
+2. blur: a Gaussian of sigma uniform in `blur_sigma` px (translators lose fine detail);
+3. regression to the mean: each band pulled towards a typical reflectance `anchor`,
+   y = anchor + c * (x - anchor) with c uniform in `contrast` per tile (networks trained with
+   pixel losses wash out contrast) - the systematic part of the colour error;
+4. per-band gain and offset drift: gain 1 + N(0, gain_sd), offset N(0, offset_sd), per band and
+   tile - the random part of the colour error;
+5. speckle leaking from the SAR input: multiplicative, mean 1, standard deviation uniform in
+   `speckle_sd` (gamma distributed, as SAR speckle is);
+6. sensor-like noise: additive Gaussian, standard deviation uniform in `noise_sd`;
+then clipped to [0, 1] and stored as float32.
+
+Every draw comes from one numpy Generator, so a (tile, seed) pair always gives the same result;
+`degrade_dir` seeds each tile from (seed, tile name), so a tile's result does not depend on which
+other tiles are in the folder. Pure numpy and scipy: it runs inside DataLoader workers.
+
+`python -m stage2.degrade truth_dir=DIR output_dir=DIR seed=N` writes opt_v1 tiles + sidecars
+(conf/degrade.yaml; the ranges are the `degrade` node, e.g. `degrade.noise_sd=[0.01,0.03]`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, ListConfig
+from scipy import ndimage
+
+from .. import CONF_DIR
+from ..runtime import RunError, atomic_write, atomic_write_text, exit_with, guarded, require_dir, required
+
+DEFAULT_DEGRADATION = "translator"     # the conf/degradation/ entry that stage2.train and degrade use
+
+
+@dataclass(frozen=True)
+class DegradeParams:
+    """Ranges of the degradation; (lo, hi) pairs are sampled uniformly per tile.
+
+    The values live in conf/degradation/*.yaml (the `degrade` key of train.yaml and degrade.yaml).
+    """
+
+    max_shift: float
+    blur_sigma: tuple[float, float]
+    contrast: tuple[float, float]
+    anchor: tuple[float, float, float, float]   # typical land reflectance [B02, B03, B04, B08]
+    gain_sd: float
+    offset_sd: float
+    speckle_sd: tuple[float, float]
+    noise_sd: tuple[float, float]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> DegradeParams:
+        """From a config mapping (the `degrade` node); unknown or missing keys are an error."""
+        values = dict(values)
+        known = {f.name for f in fields(cls)}
+        unknown, missing = set(values) - known, known - set(values)
+        if unknown or missing:
+            raise ValueError(f"degradation keys: unknown {sorted(unknown)}, missing {sorted(missing)}; "
+                             f"expected {sorted(known)}")
+        conv = {k: tuple(float(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else float(v)
+                for k, v in values.items()}
+        return cls(**conv)
+
+    @classmethod
+    def from_config(cls, name: str = DEFAULT_DEGRADATION) -> DegradeParams:
+        """The entry `conf/degradation/<name>.yaml` (for notebooks and tests; apps compose it)."""
+        from omegaconf import OmegaConf
+
+        from .. import CONF_DIR
+
+        return cls.from_mapping(OmegaConf.load(CONF_DIR / "degradation" / f"{name}.yaml"))
+
+
+def degrade(truth: np.ndarray, rng: np.random.Generator | int, params: DegradeParams) -> np.ndarray:
+    """A float32 (4, H, W) imitation of a Stage 1 output of the true optical tile `truth` (4, H, W) in [0, 1]."""
+    rng = np.random.default_rng(rng)
+    x = np.asarray(truth, dtype=np.float64)
+    if x.ndim != 3 or x.shape[0] != 4:
+        raise ValueError(f"degrade expects a (4, H, W) array, got shape {x.shape}")
+    bands = x.shape[0]
+    p = params
+    dy, dx = rng.uniform(-p.max_shift, p.max_shift, 2) if p.max_shift > 0 else (0.0, 0.0)
+    sigma = rng.uniform(*p.blur_sigma)
+    c = rng.uniform(*p.contrast)
+    gain = 1.0 + rng.normal(0.0, p.gain_sd, bands)
+    offset = rng.normal(0.0, p.offset_sd, bands)
+    speckle_sd = rng.uniform(*p.speckle_sd)
+    noise_sd = rng.uniform(*p.noise_sd)
+
+    y = ndimage.shift(x, (0, dy, dx), order=1, mode="reflect")
+    y = ndimage.gaussian_filter(y, sigma=(0, sigma, sigma), mode="reflect")
+    anchor = np.asarray(p.anchor, dtype=np.float64)[:, None, None]
+    y = anchor + c * (y - anchor)
+    y = gain[:, None, None] * y + offset[:, None, None]
+    if speckle_sd > 0:
+        looks = 1.0 / speckle_sd ** 2          # gamma(k, 1/k): mean 1, sd 1/sqrt(k)
+        y = y * rng.gamma(looks, 1.0 / looks, y.shape)
+    if noise_sd > 0:
+        y = y + rng.normal(0.0, noise_sd, y.shape)
+    return np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+def tile_seed(seed: int, name: str) -> np.random.SeedSequence:
+    """A tile's own seed from the run seed and its name (independent of the other tiles)."""
+    return np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))])
+
+
+def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params: DegradeParams) -> list[Path]:
+    """Degrade every opt_v1 tile of `truth_dir` into `output_dir` (NPZ `opt_v1` + the sidecar, copied).
+
+    The result is a Stage 1 stand-in folder that `python -m stage2.predict` reads. Returns the written NPZs.
+    """
+    from ..tiles import TileError, discover, read_tile
+
+    truth_dir, output_dir = Path(truth_dir), Path(output_dir)
+    require_dir(truth_dir, "truth_dir", "point it at a folder of true optical tiles (opt_v1 format)")
+    files, _ = discover(truth_dir)
+    if not files:
+        raise RunError(f"No NPZ tiles found in {truth_dir}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        try:
+            tile = read_tile(f, truth_dir)
+        except TileError as e:
+            raise RunError(f"{f}: {e.reason} ({e.hint})") from None
+        out = output_dir / f"{f.stem}.npz"
+        arr = degrade(tile.array, tile_seed(seed, f.stem), params)
+        atomic_write(out, lambda fh, a=arr: np.savez(fh, opt_v1=a))
+        side = f.with_suffix(".json")
+        if side.is_file():
+            shutil.copyfile(side, out.with_suffix(".json"))
+        written.append(out)
+    atomic_write_text(output_dir / "_degradation.json", json.dumps(
+        {"truth_dir": str(truth_dir), "seed": int(seed), "params": asdict(params)}, indent=2) + "\n")
+    return written
+
+
+def run(cfg: DictConfig) -> int:
+    """Degrade `truth_dir` into `output_dir`; exit code 0, or 2 on a bad folder, tile or setting."""
+    def steps() -> int:
+        try:
+            params = DegradeParams.from_mapping(cfg.degrade)
+        except (TypeError, ValueError) as e:
+            raise RunError(str(e)) from None
+        truth_dir = required(cfg, "truth_dir", "the folder of true optical tiles")
+        output_dir = required(cfg, "output_dir", "where the Stage 1 stand-ins go")
+        written = degrade_dir(truth_dir, output_dir, int(cfg.seed), params)
+        print(f"degraded {len(written)} tiles from {truth_dir} into {output_dir} (seed {int(cfg.seed)})")
+        return 0
+
+    return guarded(steps, cfg, prog="stage2.degrade")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="degrade")
+def main(cfg: DictConfig) -> int:
+    return exit_with(run(cfg))

@@ -1,0 +1,123 @@
+"""The LightningModule of training: Stage2Refiner, its loss, validation scores and optimiser.
+
+Its Lightning `.ckpt` files are Stage 2 checkpoints (stage2.checkpoint reads them): the module
+saves plain hyperparameters with the Stage 2 marker and the model's config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..checkpoint import FORMAT_VERSION, MARKER
+from ..quality import compare
+
+log = logging.getLogger("stage2")
+
+
+def ndvi_torch(x: torch.Tensor, floor: float) -> torch.Tensor:
+    """NDVI of (B, 4, H, W) with the denominator floored at `floor`.
+
+    Over dark water NIR + red is near 0 and true NDVI is mostly noise; the floor keeps those
+    pixels from dominating the loss and its gradients.
+    """
+    red, nir = x[:, 2], x[:, 3]
+    return (nir - red) / (nir + red).clamp_min(floor)
+
+
+class RefinerTrainModule(L.LightningModule):
+    """Stage2Refiner under training. Holds the model as `self.model` and saves plain hyperparameters
+    with the Stage 2 marker, so its Lightning `.ckpt` files are Stage 2 checkpoints (checkpoint.py)."""
+
+    def __init__(self, model: torch.nn.Module, *, loss: Mapping[str, Any], optim: Mapping[str, Any],
+                 pretrained_path: str | None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_cfg = dict(loss)      # l1_weight, ndvi_weight, ndvi_floor (conf/train.yaml)
+        self.optim_cfg = dict(optim)    # lr, weight_decay, warmup_steps, min_lr_ratio
+        # Plain python types only: torch.load(weights_only=True) must read the .ckpt.
+        self.save_hyperparameters({
+            MARKER: FORMAT_VERSION,
+            "model_config": dict(model.config),
+            "loss": {k: float(v) for k, v in self.loss_cfg.items()},
+            "optim": {k: float(v) for k, v in self.optim_cfg.items()},
+            "pretrained_path": None if pretrained_path is None else str(pretrained_path),
+        })
+
+    def forward(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
+        return self.model(opt_v1, month, biome)
+
+    def compute_loss(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, l1, ndvi L1) of a batch; computed in fp32 whatever the autocast precision."""
+        out, target = out.float(), target.float()
+        l1 = (out - target).abs().mean()
+        floor = self.loss_cfg["ndvi_floor"]
+        nd = (ndvi_torch(out, floor) - ndvi_torch(target, floor)).abs().mean()
+        return self.loss_cfg["l1_weight"] * l1 + self.loss_cfg["ndvi_weight"] * nd, l1, nd
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["opt_v1"], batch["month"], batch["biome"])
+        loss, l1, nd = self.compute_loss(out, batch["target"])
+        n = batch["opt_v1"].shape[0]
+        self.log("train_loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({"train_l1": l1, "train_ndvi_l1": nd}, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        v1, target = batch["opt_v1"], batch["target"]
+        out = self.model(v1, batch["month"], batch["biome"])
+        loss, _, _ = self.compute_loss(out, target)
+        self.log("val_loss", loss, prog_bar=True, batch_size=1, sync_dist=True)
+        truth = target[0].float().cpu().numpy()
+        scores = {"in": compare(truth, v1[0].float().cpu().numpy()),
+                  "out": compare(truth, out[0].float().cpu().numpy())}
+        for side, metrics in scores.items():
+            for name, value in metrics.items():
+                if value is not None and math.isfinite(value):
+                    self.log(f"val_{name}_{side}", float(value), batch_size=1, sync_dist=True,
+                             prog_bar=name == "rmse")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no weight decay on biases, norms and embeddings), linear warm-up, cosine decay."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim <= 1 or "embed" in name or "token" in name else decay).append(p)
+        cfg = self.optim_cfg
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+        total = self.trainer.estimated_stepping_batches
+        warm, floor = max(int(cfg["warmup_steps"]), 0), float(cfg["min_lr_ratio"])
+
+        def factor(step: int) -> float:
+            w = min(1.0, (step + 1) / warm) if warm else 1.0
+            if not math.isfinite(total) or total <= 0:       # only max_time bounds the run: no decay
+                return w
+            progress = min(step / total, 1.0)
+            return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class FreezeEncoder(L.Callback):
+    """Keep the Prithvi encoder fixed for the first `epochs` epochs, then train it too.
+
+    With pretrained weights this lets the fresh decoder and embeddings settle before their
+    gradients reach the encoder. Frozen parameters get no gradient, which AdamW skips. (Under DDP
+    use strategy=ddp_find_unused_parameters_true while the encoder is frozen.)
+    """
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = int(epochs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        frozen = trainer.current_epoch < self.epochs
+        encoder = pl_module.model.encoder
+        if any(p.requires_grad == frozen for p in encoder.parameters()):
+            encoder.requires_grad_(not frozen)
+            log.info("epoch %d: encoder %s", trainer.current_epoch, "frozen" if frozen else "trainable")
