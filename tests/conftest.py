@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_tile(path: Path, h: int = 120, w: int = 120, seed: int = 0, meta: dict | None = None,
-              dtype=np.float32) -> np.ndarray:
-    """A smooth, field-like random opt_v1 tile in [0, 1] (and its sidecar when meta is given)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    base = 0.5 + 0.25 * np.sin(6 * xx + rng.uniform(0, 6)) * np.cos(4 * yy + rng.uniform(0, 6))
-    arr = np.stack([base * s for s in (0.3, 0.4, 0.35, 0.9)]) + rng.normal(0, 0.02, (4, h, w))
-    arr = np.clip(arr, 0, 1).astype(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, opt_v1=arr)
-    if meta is not None:
-        path.with_suffix(".json").write_text(json.dumps(meta))
-    return arr
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +33,3 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     stage2.save_checkpoint(tiny_model, path)
     return path
-
-
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300, module: str = "stage2.predict",
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m stage2.predict ...` the way a user types it."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)

@@ -181,8 +181,10 @@ def model_config(name_or_config: str | Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(cfg, dict):
             raise TypeError("model config must be a name or a mapping")
     unknown = set(cfg) - set(_MODEL_KEYS) - {"pretrained_path"}
-    if unknown:
-        raise ValueError(f"unknown model config keys {sorted(unknown)}; expected {list(_MODEL_KEYS)}")
+    missing = [k for k in _MODEL_KEYS if k not in cfg and k != "name"]
+    if unknown or missing:
+        raise ValueError(f"model config: unknown keys {sorted(unknown)}, missing keys {missing}; expected "
+                         f"{list(_MODEL_KEYS)} as in conf/model/*.yaml")
     return {k: cfg[k] for k in _MODEL_KEYS if k in cfg}
 
 

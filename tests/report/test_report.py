@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from conftest import make_tile, run_cli
+from helpers import make_tile, run_cli
 from stage2.quality import severity, tile_quality
 from stage2.report.app import make_report
 from stage2.report.check import check_run
@@ -111,7 +111,7 @@ def test_report_over_a_run(run, tmp_path):
 def test_max_tiles_draws_the_worst_and_report_dir_is_honoured(run, tmp_path):
     inp, out = run
     rdir = tmp_path / "elsewhere"
-    chk, index, lines = make_report(inp, out, rdir, max_tiles=1)
+    chk, index, lines = make_report(inp, out, rdir, max_tiles=1, recursive=False)
     assert chk.ok and index == (rdir / "index.html").resolve()
     figs = [p.name for p in (rdir / "tiles").glob("*.png")]
     worst = max(chk.rows, key=lambda r: (severity(r.quality), r.name))
@@ -120,7 +120,7 @@ def test_max_tiles_draws_the_worst_and_report_dir_is_honoured(run, tmp_path):
     assert len(_table_rows(page)) == 4                       # the table still lists every tile
     assert _linked_images(page) == ["quality.png", f"tiles/{worst.name}.png"]
     # A second report with max_tiles=0 removes the stale figure.
-    make_report(inp, out, rdir, max_tiles=0)
+    make_report(inp, out, rdir, max_tiles=0, recursive=False)
     assert list((rdir / "tiles").glob("*.png")) == []
 
 
@@ -156,7 +156,7 @@ def test_each_output_check(run, tmp_path):
     nan = read_output(out / "field&river's_01.npz")
     nan[0, 0, 0] = np.nan
     np.savez(out / "field&river's_01.npz", opt_v2=nan)
-    chk = check_run(inp, out, out / "_report")
+    chk = check_run(inp, out, out / "_report", recursive=False)
     got = {p.name: p.detail for p in chk.problems}
     assert got["a_field"] == "a_field.npz: opt_v2 is 16x32 px, the input is 32x32"
     assert got["b_field"] == "b_field.npz: opt_v2 is float64, expected float32"
@@ -227,7 +227,7 @@ def test_index_opens_from_the_file_system_in_chromium(run, tmp_path):
                     "by the other tests")
     inp, out = run
     rdir = tmp_path / "report"
-    make_report(inp, out, rdir, max_tiles=3)
+    make_report(inp, out, rdir, max_tiles=3, recursive=False)
     n_img = 1 + 3 + 0                       # quality.png and three figures (the table only links)
     dom = _dump_dom(browser, rdir / "index.html", tmp_path / "profile")
     body = re.search(r"<body[^>]*>", dom).group(0)

@@ -97,11 +97,12 @@ def test_checkpoint_round_trip(tiny_model, tiny_ckpt):
 
 
 def test_build_model_by_name_and_dict_without_download(monkeypatch):
-    import os
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    cfg = {"name": "mine", "backbone": "prithvi_eo_tiny", "decoder_channels": 8, "refine_channels": 8}
+    cfg = {"name": "mine", "backbone": "prithvi_eo_tiny", "decoder_channels": 8, "refine_channels": 8,
+           "n_months": 12, "n_biomes": 16}
     m = stage2.build_model(cfg)
-    assert m.config["name"] == "mine" and m.patch_size == 16
+    assert m.config["name"] == "mine" and m.patch_size == 16 and m.to_pixels.out_features == 8 * 16 * 16
+    with pytest.raises(ValueError, match=r"missing keys \['n_months', 'n_biomes'\]"):
+        stage2.build_model({k: v for k, v in cfg.items() if not k.startswith("n_")})
     with pytest.raises(ValueError, match="unknown model"):
         stage2.build_model("prithvi_nonexistent")
 
@@ -125,7 +126,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
 
     batch, total = _five_tile_batch(), torch.get_num_threads()
     with torch.inference_mode():
-        ref = Stage2Module(tiny_model, cpu_streams=1).predict_step(batch, 0)
+        ref = Stage2Module(tiny_model, compile=False, cpu_streams=1).predict_step(batch, 0)
     calls, real = [], tiny_model.forward_padded
 
     def spy(x, month, biome):
@@ -134,7 +135,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
         return real(x, month, biome)
 
     monkeypatch.setattr(tiny_model, "forward_padded", spy)
-    module = Stage2Module(tiny_model, cpu_streams=2)
+    module = Stage2Module(tiny_model, compile=False, cpu_streams=2)
     with torch.inference_mode():
         got = module.predict_step(batch, 0)
     module.on_predict_end()
@@ -164,10 +165,10 @@ def test_cpu_streams_keep_the_callers_autocast(tiny_model):
 
     batch = _five_tile_batch()
     with torch.inference_mode():
-        fp32 = Stage2Module(tiny_model, cpu_streams=1).predict_step(batch, 0)
+        fp32 = Stage2Module(tiny_model, compile=False, cpu_streams=1).predict_step(batch, 0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            one = Stage2Module(tiny_model, cpu_streams=1).predict_step(batch, 0)
-            two = Stage2Module(tiny_model, cpu_streams=2).predict_step(batch, 0)
+            one = Stage2Module(tiny_model, compile=False, cpu_streams=1).predict_step(batch, 0)
+            two = Stage2Module(tiny_model, compile=False, cpu_streams=2).predict_step(batch, 0)
     for a, b, c in zip(one.outputs, two.outputs, fp32.outputs, strict=False):
         assert np.abs(a - b).max() <= 1e-6
         assert np.abs(a - c).max() > 1e-4       # bf16 really was used

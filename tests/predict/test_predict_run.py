@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import stage2
-from conftest import make_tile, run_cli
+from helpers import make_tile, run_cli
 from stage2.tiles import read_output
 
 SPEC_PROCESSING_KEYS = {"input_file", "checkpoint", "device", "use_amp", "processing_time_ms", "precision",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import make_tile, run_cli
+from helpers import make_tile, run_cli
 
 
 def _have_submitit() -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tile, run_cli
+from helpers import REPO, make_tile, run_cli
 
 GUIDE_PROCESSING_KEYS = {"input_file", "checkpoint", "device", "use_amp", "processing_time_ms", "precision",
                          "batch_size", "model", "stage2_version", "cpu_fallback"}

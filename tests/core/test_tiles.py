@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_tile
+from helpers import make_tile
 from stage2.tiles import TileError, is_done, normalise_biome, normalise_month, read_output, read_tile, write_tile
 
 

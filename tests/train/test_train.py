@@ -12,9 +12,36 @@ import pytest
 import torch
 
 import stage2
-from conftest import make_tile, run_cli
+from helpers import make_tile, run_cli
+from stage2 import CONF_DIR
 from stage2.tiles import read_output, read_tile
 from stage2.train.degrade import DegradeParams, degrade, degrade_dir
+
+P = DegradeParams.from_config()      # conf/degradation/translator.yaml, as stage2.train uses it
+
+
+def train_cfg(*overrides: str):
+    """conf/train.yaml composed with `overrides`, as `python -m stage2.train` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def train_data(*overrides: str):
+    """The PairDataModule the train app builds from these overrides."""
+    from hydra.utils import instantiate
+
+    cfg = train_cfg(*overrides)
+    return instantiate(cfg.data)(degrade=DegradeParams.from_mapping(cfg.degrade))
+
+
+def train_module(model):
+    """RefinerTrainModule with conf/train.yaml's loss and optimiser settings."""
+    from stage2.train.module import RefinerTrainModule
+
+    cfg = train_cfg()
+    return RefinerTrainModule(model, loss=cfg.loss, optim=cfg.optim, pretrained_path=None)
 
 
 def _truth(seed: int = 0, h: int = 64, w: int = 64) -> np.ndarray:
@@ -28,7 +55,7 @@ def _truth(seed: int = 0, h: int = 64, w: int = 64) -> np.ndarray:
 # ----------------------------------------------------------------------------- degradation
 def test_degradation_is_deterministic_per_seed_and_stays_in_range():
     x = _truth()
-    a, b, c = degrade(x, 7), degrade(x, 7), degrade(x, 8)
+    a, b, c = degrade(x, 7, P), degrade(x, 7, P), degrade(x, 8, P)
     assert a.dtype == np.float32 and a.shape == x.shape
     assert np.array_equal(a, b)
     assert not np.allclose(a, c)
@@ -36,12 +63,12 @@ def test_degradation_is_deterministic_per_seed_and_stays_in_range():
         assert np.isfinite(y).all() and y.min() >= 0.0 and y.max() <= 1.0
         assert np.sqrt(np.mean((y - x) ** 2)) > 0.01        # it really degrades
     # each component alone also changes the tile and keeps it valid
-    zero = DegradeParams(max_shift=0, blur_sigma=(0, 0), contrast=(1, 1), gain_sd=0, offset_sd=0,
+    zero = DegradeParams(max_shift=0, blur_sigma=(0, 0), contrast=(1, 1), anchor=P.anchor, gain_sd=0, offset_sd=0,
                          speckle_sd=(0, 0), noise_sd=(0, 0))
     assert np.allclose(degrade(x, 1, zero), x, atol=1e-6)
     with pytest.raises(ValueError, match=r"\(4, H, W\)"):
-        degrade(x[:3], 0)
-    with pytest.raises(ValueError, match="unknown degradation keys"):
+        degrade(x[:3], 0, P)
+    with pytest.raises(ValueError, match="unknown"):
         DegradeParams.from_mapping({"blur": 1})
 
 
@@ -56,28 +83,31 @@ def test_degrade_cli_writes_stage1_tiles_seeded_by_name(tmp_path):
     # a tile's degradation depends on (seed, name) only, not on the other tiles in the folder
     alone = tmp_path / "alone"
     make_tile(alone / "a.npz", 40, 48, seed=1)
-    degrade_dir(alone, tmp_path / "s1_alone", seed=3)
+    degrade_dir(alone, tmp_path / "s1_alone", seed=3, params=P)
     assert np.array_equal(np.load(tmp_path / "s1_alone" / "a.npz")["opt_v1"], t.array)
     r = run_cli([f"truth_dir={tmp_path / 'none'}", f"output_dir={tmp_path / 'x'}"], module="stage2.degrade")
-    assert r.returncode == 2 and "No NPZ tiles found" in r.stderr
+    assert r.returncode == 2 and f"truth_dir {tmp_path / 'none'} does not exist" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run_cli([f"truth_dir={tmp_path / 'empty'}", f"output_dir={tmp_path / 'x'}"], module="stage2.degrade")
+    assert r.returncode == 2 and "No NPZ tiles found" in r.stderr and "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- data
 def _pairs_dir(path: Path, n: int = 2, size: int = 48) -> Path:
     for i in range(n):
         target = make_tile(path / f"p{i}.npz", size, size, seed=10 + i, meta={"month": 5, "biome_code": 8})
-        np.savez(path / f"p{i}.npz", opt_v1=degrade(target, i), target=target)
+        np.savez(path / f"p{i}.npz", opt_v1=degrade(target, i, P), target=target)
     return path
 
 
 def test_pair_data_is_reproducible_and_checks_files(tmp_path):
-    from stage2.train.data import PairDataModule, PairError, RandomCropPairs, read_pair, scan
+    from stage2.train.data import PairError, RandomCropPairs, read_pair, scan
 
     opt = tmp_path / "opt"
     for i in range(3):
         make_tile(opt / f"t{i}.npz", 40 + 8 * i, 64, seed=i)
     sources = scan(opt, simulated=True) + scan(_pairs_dir(tmp_path / "pairs"), simulated=False)
-    ds = RandomCropPairs(sources, crop=32, seed=0, params=DegradeParams())
+    ds = RandomCropPairs(sources, crop=32, seed=0, params=P)
     for i in (0, 5, 17):
         a, b = ds[i], ds[i]
         assert a["opt_v1"].shape == a["target"].shape == (4, 32, 32)
@@ -85,8 +115,8 @@ def test_pair_data_is_reproducible_and_checks_files(tmp_path):
         assert 0 <= float(a["opt_v1"].min()) and float(a["opt_v1"].max()) <= 1
     assert not torch.equal(ds[0]["target"], ds[1]["target"])
 
-    dm = PairDataModule(optical_dir=opt, pairs_dir=tmp_path / "pairs", crop=32, batch_size=4, samples_per_epoch=8,
-                        val_fraction=0.3)
+    dm = train_data(f"data.optical_dir={opt}", f"data.pairs_dir={tmp_path / 'pairs'}", "data.crop=32",
+                    "data.batch_size=4", "data.samples_per_epoch=8", "data.val_fraction=0.3")
     dm.setup("fit")
     assert len(dm.train_sources) == 3 and len(dm.val_sources) == 2          # one held-out tile per source
     assert not {s.name for s in dm.train_sources} & {s.name for s in dm.val_sources}
@@ -107,12 +137,11 @@ def test_pair_data_is_reproducible_and_checks_files(tmp_path):
 
 # ----------------------------------------------------------------------------- learning
 def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch():
-    from stage2.train.module import RefinerTrainModule
 
     torch.manual_seed(0)
-    module = RefinerTrainModule(stage2.build_model("prithvi_eo_tiny").train())
+    module = train_module(stage2.build_model("prithvi_eo_tiny").train())
     target = torch.from_numpy(np.stack([_truth(s, 32, 32) * 0.5 + 0.2 for s in range(4)]))
-    v1 = torch.from_numpy(np.stack([degrade(t.numpy(), s) for s, t in enumerate(target)]))
+    v1 = torch.from_numpy(np.stack([degrade(t.numpy(), s, P) for s, t in enumerate(target)]))
     month, biome = torch.full((4,), 6), torch.zeros(4, dtype=torch.long)
     opt = torch.optim.AdamW(module.parameters(), lr=2e-3)
     losses = []
@@ -128,16 +157,16 @@ def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch():
 def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path):
     import lightning as L
 
-    from stage2.train.data import PairDataModule
-    from stage2.train.module import FreezeEncoder, RefinerTrainModule
+    from stage2.train.module import FreezeEncoder
 
     opt = tmp_path / "opt"
     for i in range(2):
         make_tile(opt / f"t{i}.npz", 48, 48, seed=i)
     L.seed_everything(0)
-    module = RefinerTrainModule(stage2.build_model("prithvi_eo_tiny").train())
+    module = train_module(stage2.build_model("prithvi_eo_tiny").train())
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    dm = PairDataModule(optical_dir=opt, crop=32, batch_size=2, samples_per_epoch=6, val_fraction=0)
+    dm = train_data(f"data.optical_dir={opt}", "data.crop=32", "data.batch_size=2", "data.samples_per_epoch=6",
+                    "data.val_fraction=0")
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[FreezeEncoder(1)])
     trainer.fit(module, datamodule=dm)
@@ -274,7 +303,7 @@ def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path):
 
     truth, s1, out = tmp_path / "truth", tmp_path / "s1", tmp_path / "out"
     arrays = [make_tile(truth / f"t{i}.npz", 32, 40, seed=i) for i in range(2)]
-    degrade_dir(truth, s1, seed=0)
+    degrade_dir(truth, s1, seed=0, params=P)
     for i, a in enumerate(arrays):   # t0 perfect, t1 half-way between input and truth
         v1 = np.load(s1 / f"t{i}.npz")["opt_v1"]
         write_tile(out, f"t{i}", a if i == 0 else (a + v1) / 2, {})

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tile, run_cli
+from helpers import REPO, make_tile, run_cli
 
 SIZES = [(32, 32), (40, 48), (64, 56)]       # padded to 32x32, 48x48, 64x64: three buckets
 N_GOOD = 23
@@ -56,7 +56,8 @@ def _bad_tile_is_on_rank_1(inp: Path, patch_size: int) -> bool:
     from stage2.tiles import discover
 
     files, _ = discover(inp)
-    keys = TileDataModule(files, inp, batch_size=BATCH, patch_size=patch_size).bucket_keys()
+    keys = TileDataModule(files=files, input_dir=inp, batch_size=BATCH, num_workers=0, pin_memory=False,
+                          patch_size=patch_size).bucket_keys()
     rank1 = SizeBucketBatchSampler(keys, BATCH, rank=1, world_size=2).batches
     return any(files[i].name == "zz_bad.npz" for b in rank1 for i in b)
 

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import stage2
-from conftest import make_tile, run_cli
+from helpers import make_tile, run_cli
 from stage2.model import CONF_DIR
 from stage2.predict.app import run
 

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from conftest import make_tile, run_cli
+from helpers import make_tile, run_cli
 from stage2.tiles import TileError, read_output, read_tile
 
 

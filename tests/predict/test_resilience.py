@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 import stage2
-from conftest import make_tile, run_cli
+from helpers import make_tile, run_cli
 from stage2.model import CONF_DIR
 from stage2.predict.app import run
 from stage2.tiles import read_output
@@ -150,7 +150,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, tiny_model, monkeypatch, 
         return call
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    module = Stage2Module(tiny_model, compile=True)
+    module = Stage2Module(tiny_model, compile=True, cpu_streams=1)
     module.setup("predict")
     arr = np.random.default_rng(0).random((4, 40, 40), dtype=np.float32)
     batch = collate([Tile("a", None, arr, {}, 6, 0)], 16)
