@@ -57,6 +57,22 @@ def guarded(run: Callable[[], int], cfg: DictConfig | None = None, prog: str = "
         return EXIT_INTERRUPTED
 
 
+def hydra_main(config_name: str, run: Callable[[DictConfig], int]) -> Callable[[], Any]:
+    """A Hydra app over conf/<config_name>.yaml whose task is `run(cfg)`; a non-zero code is the exit code.
+
+    For the commands with one mode (degrade, evaluate); predict and report also handle sweeps.
+    """
+    import hydra
+
+    from . import CONF_DIR
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def main(cfg: DictConfig) -> int:
+        return exit_with(run(cfg))
+
+    return main
+
+
 def _to_log_file(message: str) -> None:
     """Log `message` where a log file listens (predict, train); apps without one printed it already."""
     if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):

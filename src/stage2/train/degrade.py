@@ -35,13 +35,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 from scipy import ndimage
 
 from .. import CONF_DIR
-from ..runtime import RunError, atomic_write, atomic_write_text, exit_with, guarded, require_dir, required
+from ..runtime import RunError, atomic_write, atomic_write_text, guarded, hydra_main, require_dir, required
 
 DEFAULT_DEGRADATION = "translator"     # the conf/degradation/ entry that stage2.train and degrade use
 
@@ -79,8 +78,6 @@ class DegradeParams:
     def from_config(cls, name: str = DEFAULT_DEGRADATION) -> DegradeParams:
         """The entry `conf/degradation/<name>.yaml` (for notebooks and tests; apps compose it)."""
         from omegaconf import OmegaConf
-
-        from .. import CONF_DIR
 
         return cls.from_mapping(OmegaConf.load(CONF_DIR / "degradation" / f"{name}.yaml"))
 
@@ -150,22 +147,22 @@ def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params
     return written
 
 
+def degrade_app(cfg: DictConfig) -> int:
+    """The degrade command's steps: check the settings and folders, degrade, say what was written."""
+    try:
+        params = DegradeParams.from_mapping(cfg.degrade)
+    except (TypeError, ValueError) as e:
+        raise RunError(str(e)) from None
+    truth_dir = required(cfg, "truth_dir", "the folder of true optical tiles")
+    output_dir = required(cfg, "output_dir", "where the Stage 1 stand-ins go")
+    written = degrade_dir(truth_dir, output_dir, int(cfg.seed), params)
+    print(f"degraded {len(written)} tiles from {truth_dir} into {output_dir} (seed {int(cfg.seed)})")
+    return 0
+
+
 def run(cfg: DictConfig) -> int:
     """Degrade `truth_dir` into `output_dir`; exit code 0, or 2 on a bad folder, tile or setting."""
-    def steps() -> int:
-        try:
-            params = DegradeParams.from_mapping(cfg.degrade)
-        except (TypeError, ValueError) as e:
-            raise RunError(str(e)) from None
-        truth_dir = required(cfg, "truth_dir", "the folder of true optical tiles")
-        output_dir = required(cfg, "output_dir", "where the Stage 1 stand-ins go")
-        written = degrade_dir(truth_dir, output_dir, int(cfg.seed), params)
-        print(f"degraded {len(written)} tiles from {truth_dir} into {output_dir} (seed {int(cfg.seed)})")
-        return 0
-
-    return guarded(steps, cfg, prog="stage2.degrade")
+    return guarded(lambda: degrade_app(cfg), cfg, prog="stage2.degrade")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="degrade")
-def main(cfg: DictConfig) -> int:
-    return exit_with(run(cfg))
+main = hydra_main("degrade", run)

@@ -22,13 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from .. import CONF_DIR
 from ..quality import LOWER_IS_BETTER, METRICS, compare
-from ..runtime import RunError, atomic_write_text, exit_with, guarded, require_dir, required
+from ..runtime import RunError, atomic_write_text, guarded, hydra_main, require_dir, required
 from ..tiles import INPUT_KEY, OUTPUT_KEY, discover, is_done, tile_name
 
 EVALUATION_FILE = "_stage2_evaluation.json"
@@ -183,30 +181,29 @@ def write_figures(ev: Evaluation, folder: str | Path) -> list[Path]:
     return out
 
 
+def evaluate_app(cfg: DictConfig) -> int:
+    """The evaluate command's steps: score, print the table, save the JSON and the figures."""
+    dirs = {k: required(cfg, k, what) for k, what in (("truth_dir", "the true optical tiles"),
+                                                        ("input_dir", "the Stage 1 tiles the run read"),
+                                                        ("output_dir", "the Stage 2 run's output_dir"))}
+    ev = evaluate_dirs(**dirs)
+    print(ev.format())
+    out = Path(dirs["output_dir"])
+    if cfg.save:
+        text = json.dumps(_finite(ev.to_json()), indent=2, allow_nan=False) + "\n"
+        print(f"saved {atomic_write_text(out / EVALUATION_FILE, text)}")
+    if cfg.figures:
+        figs = write_figures(ev, out / FIGURES_DIR)
+        print(f"figures: {len(figs)} PNGs (truth | opt_v1 | opt_v2 | errors) in {out / FIGURES_DIR}")
+    return 0
+
+
 def run(cfg: DictConfig) -> int:
     """Score the run and print the table; exit code 0, or 2 on a bad folder or tile."""
-    def steps() -> int:
-        dirs = {k: required(cfg, k, what) for k, what in (("truth_dir", "the true optical tiles"),
-                                                            ("input_dir", "the Stage 1 tiles the run read"),
-                                                            ("output_dir", "the Stage 2 run's output_dir"))}
-        ev = evaluate_dirs(**dirs)
-        print(ev.format())
-        out = Path(dirs["output_dir"])
-        if cfg.save:
-            path = atomic_write_text(out / EVALUATION_FILE, json.dumps(_finite(ev.to_json()), indent=2,
-                                                                         allow_nan=False) + "\n")
-            print(f"saved {path}")
-        if cfg.figures:
-            figs = write_figures(ev, out / FIGURES_DIR)
-            print(f"figures: {len(figs)} PNGs (truth | opt_v1 | opt_v2 | errors) in {out / FIGURES_DIR}")
-        return 0
-
-    return guarded(steps, cfg, prog="stage2.evaluate")
+    return guarded(lambda: evaluate_app(cfg), cfg, prog="stage2.evaluate")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
-def main(cfg: DictConfig) -> int:
-    return exit_with(run(cfg))
+main = hydra_main("evaluate", run)
 
 
 def _finite(v: Any) -> Any:
