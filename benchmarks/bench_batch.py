@@ -27,16 +27,16 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=0, help="tiles per round (default: 32 at <= 128 px, else 16)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--min-tokens", type=int, default=None,
-                    help="override stage2.module.STREAM_MIN_TOKENS (to re-tune the threshold on another CPU)")
+                    help="override stage2.predict.module.STREAM_MIN_TOKENS (to re-tune the threshold on another CPU)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
 
     import stage2
-    from stage2 import module as module_
-    from stage2.data import collate
-    from stage2.module import Stage2Module
+    from stage2.predict import module as module_
+    from stage2.predict.data import collate
+    from stage2.predict.module import Stage2Module
     from stage2.tiles import Tile
 
     if args.min_tokens is not None:
@@ -52,7 +52,7 @@ def main() -> None:
         tiles = [Tile(f"t{i}", None, rng.random((4, size, size), dtype=np.float32), {}, 6, 0) for i in range(n)]
         for batch in args.batches:
             batches = [collate(tiles[i:i + batch], model.patch_size) for i in range(0, n, batch)]
-            modules = {s: Stage2Module(model, cpu_streams=s) for s in (1, args.streams)}
+            modules = {s: Stage2Module(model, compile=False, cpu_streams=s) for s in (1, args.streams)}
             best = dict.fromkeys(modules, 0.0)
             with torch.inference_mode():
                 for m in modules.values():

@@ -102,12 +102,13 @@ def bare_tiles_per_s(ckpt: Path, tiles_dir: Path, batch: int, precision: str) ->
     import torch
 
     import stage2
-    from stage2.data import stack_for_model
+    from stage2.model import pad_to_multiple
 
     device = "cuda" if HARDWARE != "cpu" and torch.cuda.is_available() else "cpu"
     model = stage2.load_model(ckpt, device=device)
     arrays = [np.load(f)["opt_v1"] for f in sorted(tiles_dir.glob("*.npz"))]
-    batches = [stack_for_model(arrays[i:i + batch], model.patch_size) for i in range(0, len(arrays), batch)]
+    padded = [pad_to_multiple(torch.from_numpy(a[None].astype(np.float32)), model.patch_size) for a in arrays]
+    batches = [torch.cat(padded[i:i + batch]) for i in range(0, len(padded), batch)]
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
     month = lambda n: torch.full((n,), 6, device=device)  # noqa: E731
     biome = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
