@@ -176,11 +176,23 @@ def atomic_write(final: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     A reader sees the old file or the whole new one, never a part; a crash leaves only the
     temporary, which no reader trusts.
     """
+    def produce(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return atomic_write_path(final, produce)
+
+
+def atomic_write_path(final: str | os.PathLike, produce: Callable[[Path], None]) -> Path:
+    """atomic_write for writers that need a file name rather than a file object (GDAL's COG driver).
+
+    `produce(tmp)` creates the temporary `.<name>.<pid>.tmp` beside `final`; it is renamed over
+    `final` only when `produce` returns, and removed when it raises.
+    """
     final = Path(final)
     tmp = temporary_name(final)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        produce(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

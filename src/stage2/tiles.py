@@ -39,6 +39,9 @@ _MONTH_NAMES = {name: i + 1 for i, name in enumerate(_MONTHS)} | {
 SCALING_HINT = ("it looks like digital numbers or reflectance x 10000: divide by 10000 "
                 "(and subtract the 1000 offset for processing baseline 04.00 and later) "
                 "so values lie in [0, 1]")
+DN_HINT = ("integer digital numbers need a scale: run with input_scale=0.0001 (Sentinel-2 L1C/L2A) "
+           "and input_offset=-0.1 for processing baseline 04.00 and later, so that "
+           "reflectance = DN x input_scale + input_offset")
 
 
 class TileError(Exception):
@@ -48,6 +51,14 @@ class TileError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.hint = hint
+
+
+@dataclass(frozen=True)
+class GeoRef:
+    """Where a tile's pixels lie on Earth: carried from a GeoTIFF (or an NPZ sidecar) to a COG output."""
+
+    crs: str                                  # "EPSG:32633" when the CRS has an EPSG code, else its WKT
+    transform: tuple[float, float, float, float, float, float]   # a, b, c, d, e, f as rasterio orders them
 
 
 @dataclass
@@ -62,6 +73,7 @@ class Tile:
     biome: int
     defaults: list[str] = field(default_factory=list)   # metadata keys that fell back to a default
     clipped: int = 0               # values within CLIP_TOLERANCE outside [0, 1] that were clipped
+    geo: GeoRef | None = None      # from a GeoTIFF, or a sidecar's crs + transform; None: not georeferenced
 
 
 @dataclass
@@ -245,6 +257,53 @@ def _load_array(path: Path) -> np.ndarray:
                         "the file is damaged or was cut short: regenerate it") from None
 
 
+def to_reflectance(arr: np.ndarray, input_scale: float | None, input_offset: float | None) -> np.ndarray:
+    """Integer digital numbers -> float32 reflectance, DN x input_scale + input_offset (SPEC 2).
+
+    The one scaling of every reader (NPZ, GeoTIFF, a GeoTIFF window). Float arrays are reflectance
+    already and pass unchanged; an integer array without `input_scale` fails with a hint naming the
+    keys. Computed in float32: DN up to 65535 times 1e-4 is exact to 4e-7, far below the 1e-4 step.
+    """
+    if arr.dtype.kind not in "iu":
+        return arr
+    if input_scale is None:
+        raise TileError(f"integer array ({arr.dtype}) of digital numbers, and input_scale is not set", DN_HINT)
+    out = arr.astype(np.float32)
+    out *= np.float32(input_scale)
+    if input_offset:
+        out += np.float32(input_offset)
+    return out
+
+
+def georef_from_sidecar(meta: dict[str, Any], sidecar: str) -> GeoRef | None:
+    """The sidecar's `crs` (EPSG code or WKT) and `transform` (6 numbers), or None when it has not both.
+
+    Only their form is checked here (the NPZ path needs no rasterio); whether the CRS exists is
+    checked where a COG is written.
+    """
+    crs, transform = meta.get("crs"), meta.get("transform")
+    if crs is None or transform is None:
+        return None
+    if isinstance(crs, bool) or not isinstance(crs, (int, str)) or not str(crs).strip():
+        raise TileError(f"sidecar {sidecar}: crs {crs!r} is not an EPSG code or WKT text",
+                        'write "crs": "EPSG:32633" (or the CRS\'s WKT), or remove crs and transform')
+    if isinstance(crs, int) or str(crs).strip().isdigit():
+        crs = f"EPSG:{int(crs)}"
+    numbers = list(transform) if isinstance(transform, (list, tuple)) else []
+    if len(numbers) == 9 and numbers[6:] == [0, 0, 1]:     # list(Affine) gives the 3x3 matrix's 9 numbers
+        numbers = numbers[:6]
+    if len(numbers) != 6 or not all(_finite_number(v) for v in numbers):
+        raise TileError(f"sidecar {sidecar}: transform {transform!r} is not the 6 numbers a, b, c, d, e, f",
+                        'write "transform": [10, 0, 500000, 0, -10, 5000000] (rasterio\'s Affine order: '
+                        "pixel width, row rotation, x of the top-left corner, column rotation, "
+                        "negative pixel height, y of the top-left corner)")
+    return GeoRef(crs=str(crs).strip(), transform=tuple(float(v) for v in numbers))
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
     """Check an opt_v1 array against SPEC 2/5; return it as float32 in [0, 1] and the clipped count."""
     if arr.dtype.kind in "iu":
@@ -284,16 +343,21 @@ def validate_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(arr), clipped
 
 
-def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None) -> Tile:
-    """Read and validate one Stage 1 tile and its sidecar; raise TileError with reason and hint."""
+def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *,
+              input_scale: float | None = None, input_offset: float | None = None) -> Tile:
+    """Read and validate one Stage 1 NPZ tile and its sidecar; raise TileError with reason and hint.
+
+    `input_scale`/`input_offset` scale an integer array (to_reflectance); float tiles ignore them.
+    """
     path = Path(path)
     name = tile_name(path, Path(input_dir)) if input_dir is not None else path.stem
     if not path.is_file():
         raise TileError("not a regular file", "remove it or point input_dir at the tiles")
-    arr, clipped = validate_array(_load_array(path))
+    arr, clipped = validate_array(to_reflectance(_load_array(path), input_scale, input_offset))
     meta, month, biome, defaults = read_sidecar(path)
+    geo = georef_from_sidecar(meta, path.with_suffix(".json").name)
     return Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
-                defaults=defaults, clipped=clipped)
+                defaults=defaults, clipped=clipped, geo=geo)
 
 
 def load_tile(path: Path, input_dir: Path) -> Tile | TileFailure:

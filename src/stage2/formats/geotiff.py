@@ -1,0 +1,215 @@
+"""GeoTIFF input (SPEC 2, 10): a 4-band [B02, B03, B04, B08] GeoTIFF read into the same Tile as an NPZ.
+
+Float rasters are reflectance; integer rasters are digital numbers scaled by tiles.to_reflectance
+(input_scale, input_offset), the same function the NPZ reader uses. No-data pixels (the file's
+nodata value or its mask) come back as NaN: read_tile reports them (nan_policy=mask will keep
+them). Reads go by row blocks into one float32 array, so memory holds the result and one block,
+never the raster twice; GeoTiff.read(window) reads one window (the windows of a scene).
+
+rasterio is imported inside the functions: `import stage2` and the NPZ path stay light.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..storage import is_url
+from ..tiles import (
+    BANDS,
+    DN_HINT,
+    N_BANDS,
+    GeoRef,
+    Tile,
+    TileError,
+    read_sidecar,
+    tile_name,
+    to_reflectance,
+    validate_array,
+)
+
+SUFFIXES = (".tif", ".tiff")
+# Values per block of a whole-raster read: 4 bands x 1 M px = 16 MiB of float32 per block.
+BLOCK_VALUES = 1 << 22
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a GeoTIFF is, read from its header alone (no pixels): enough to plan and bucket it."""
+
+    shape: tuple[int, int, int]          # (bands, height, width)
+    dtype: str
+    nodata: float | None
+    has_mask: bool                       # a nodata value, a mask band or alpha marks some pixels invalid
+    geo: GeoRef | None
+    descriptions: tuple[str | None, ...]
+
+
+Window = tuple[int, int, int, int]       # row, column, height, width (pixels)
+
+
+class GeoTiff:
+    """An open GeoTIFF input: its header, and reads of the whole raster or one window as float32 reflectance.
+
+    `source` is a local path or an fsspec URL (read through the filesystem with ranged requests,
+    so a window of a remote scene fetches only its blocks). Use as a context manager.
+    """
+
+    def __init__(self, source: str | os.PathLike, *, input_scale: float | None,
+                 input_offset: float | None) -> None:
+        self.source = str(source)
+        self.input_scale = input_scale
+        self.input_offset = input_offset
+        self._ds = open_dataset(self.source)
+        self.header = _header(self._ds)
+
+    def __enter__(self) -> GeoTiff:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def check(self) -> None:
+        """TileError for what the header alone shows to be wrong: band count, band order, integers without a scale."""
+        bands, _, _ = self.header.shape
+        if bands != N_BANDS:
+            raise TileError(f"{bands} bands, expected 4 {list(BANDS)}",
+                            "write a 4-band GeoTIFF with bands B02, B03, B04, B08 in that order")
+        names = [(d or "").strip().upper() for d in self.header.descriptions]
+        if sorted(names) == sorted(BANDS) and names != list(BANDS):
+            raise TileError(f"bands are in the order {names}, expected {list(BANDS)}",
+                            "reorder the bands (e.g. gdal_translate -b 3 -b 2 -b 1 -b 4 for B04, B03, B02, B08)")
+        kind = np.dtype(self.header.dtype).kind
+        if kind in "iu" and self.input_scale is None:
+            raise TileError(f"integer raster ({self.header.dtype}) of digital numbers, and input_scale is not set",
+                            DN_HINT)
+        if kind not in "iuf":
+            raise TileError(f"unsupported data type {self.header.dtype}", "store float32 reflectance in [0, 1] "
+                            "or integer digital numbers with input_scale")
+
+    def read(self, window: Window | None = None) -> np.ndarray:
+        """float32 (4, h, w) reflectance of `window` (the whole raster when None); no-data pixels are NaN."""
+        _, height, width = self.header.shape
+        row, col, h, w = window if window is not None else (0, 0, height, width)
+        if h <= 0 or w <= 0 or row < 0 or col < 0 or row + h > height or col + w > width:
+            raise ValueError(f"window {window} is not inside the {height}x{width} raster")
+        out = np.empty((N_BANDS, h, w), dtype=np.float32)
+        step = max(1, BLOCK_VALUES // (N_BANDS * w))
+        for r in range(0, h, step):
+            n = min(step, h - r)
+            out[:, r:r + n] = self._read_block(row + r, col, n, w)
+        return out
+
+    def _read_block(self, row: int, col: int, h: int, w: int) -> np.ndarray:
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window as RioWindow
+
+        win = RioWindow(col, row, w, h)
+        try:
+            if not self.header.has_mask:
+                return to_reflectance(self._ds.read(window=win), self.input_scale, self.input_offset)
+            data = self._ds.read(window=win, masked=True)
+        except RasterioError as e:
+            raise TileError(f"unreadable GeoTIFF pixels: {e}",
+                            "the file is damaged or was cut short: regenerate it") from None
+        out = to_reflectance(np.ma.getdata(data), self.input_scale, self.input_offset)   # float from here
+        out[np.ma.getmaskarray(data)] = np.nan
+        return out
+
+
+def peek(source: str | os.PathLike) -> Header:
+    """The header of a GeoTIFF (shape, dtype, nodata, georeferencing) without reading pixels."""
+    ds = open_dataset(str(source))
+    try:
+        return _header(ds)
+    finally:
+        ds.close()
+
+
+def peek_shape(source: str | os.PathLike) -> tuple[int, ...] | None:
+    """(bands, H, W) for bucketing tiles by size before reading them; None when the header cannot be read."""
+    try:
+        return peek(source).shape
+    except Exception:
+        return None
+
+
+def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *,
+              input_scale: float | None, input_offset: float | None) -> Tile:
+    """Read and validate one GeoTIFF tile and its `<stem>.json` sidecar into a Tile; TileError if it is bad.
+
+    No-data pixels fail the tile here (reason: how many, and the nodata value); nan_policy=mask
+    will let them through as NaN. The georeferencing comes from the file (a sidecar's is ignored).
+    """
+    path = Path(path)
+    name = tile_name(path, Path(input_dir)) if input_dir is not None else path.stem
+    if not path.is_file():
+        raise TileError("not a regular file", "remove it or point input_dir at the tiles")
+    with GeoTiff(path, input_scale=input_scale, input_offset=input_offset) as tif:
+        tif.check()
+        raw = tif.read()
+        header = tif.header
+    n_nodata = int(np.count_nonzero(np.isnan(raw).any(axis=0)))
+    if n_nodata and header.has_mask:
+        value = f"nodata value {header.nodata:g}" if header.nodata is not None else "mask"
+        raise TileError(f"{n_nodata} no-data pixels (the file's {value})",
+                        "crop Stage 1 tiles to valid pixels, or fill them (nan_policy=mask will refine "
+                        "the valid pixels and keep these as NaN)")
+    arr, clipped = validate_array(raw)
+    meta, month, biome, defaults = read_sidecar(path)
+    return Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
+                defaults=defaults, clipped=clipped, geo=header.geo)
+
+
+# ---------------------------------------------------------------------------- rasterio
+def open_dataset(source: str | os.PathLike) -> Any:
+    """A rasterio dataset for a local path or an fsspec URL; TileError when it is not a readable GeoTIFF."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    source, opener = str(source), None
+    if is_url(source):
+        import fsspec
+
+        opener = fsspec.core.url_to_fs(source)[0]
+    try:
+        with warnings.catch_warnings():     # no CRS is a state the caller reports (not_georeferenced)
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(source, opener=opener)
+    except RasterioError as e:
+        if os.path.isfile(source) and os.path.getsize(source) == 0:
+            raise TileError("empty file (0 bytes)", "Stage 1 did not finish this tile: regenerate it") from None
+        raise TileError(f"not a readable GeoTIFF: {_first_line(e)}",
+                        "the file is damaged, cut short or not a GeoTIFF: regenerate it") from None
+
+
+def _header(ds: Any) -> Header:
+    from rasterio.enums import MaskFlags
+
+    flags = ds.mask_flag_enums
+    has_mask = any(f != [MaskFlags.all_valid] for f in flags)
+    return Header(shape=(ds.count, ds.height, ds.width), dtype=str(ds.dtypes[0]), nodata=ds.nodata,
+                  has_mask=has_mask, geo=georef_of(ds), descriptions=tuple(ds.descriptions))
+
+
+def georef_of(ds: Any) -> GeoRef | None:
+    """The dataset's CRS ("EPSG:n" when it has a code, else WKT) and transform, or None when it has no CRS."""
+    if ds.crs is None or ds.transform.is_identity:
+        return None
+    epsg = ds.crs.to_epsg()
+    crs = f"EPSG:{epsg}" if epsg else ds.crs.to_wkt()
+    t = ds.transform
+    return GeoRef(crs=crs, transform=(t.a, t.b, t.c, t.d, t.e, t.f))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -1,0 +1,309 @@
+"""Folders that are local paths or fsspec URLs (SPEC 10): one listing per run, whole-object writes, clear errors.
+
+`input_dir` and `output_dir` may be `s3://bucket/prefix`, `gs://bucket/prefix`, `memory://...` or any
+URL fsspec knows. A local path (or `file://`) never touches fsspec: the local fast path stays as light
+as before. Credentials come only from each filesystem's own environment and config (AWS_* variables,
+~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...): stage2 neither takes nor prints them.
+
+Why writes are atomic on object stores: an S3 or GCS object becomes visible under its key only when
+its upload completes. s3fs sends an object under 100 MiB as one PutObject, a larger one as a multipart
+upload that is visible only at CompleteMultipartUpload (and aborted when a part fails); gcsfs finalises
+a simple or resumable upload at its last request. Folder.write therefore encodes the whole object
+locally first (a temporary file) and uploads it in one call: a writer that raises, or a process killed
+before the upload ends, leaves no object under the final name. fsspec's own `open(key, "wb")` is not
+used for outputs: closing it (also when the `with` block raised) uploads whatever was written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from .runtime import RunError, atomic_write, atomic_write_path
+
+# The pip extra that brings each object store's fsspec filesystem.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+_CREDENTIAL_HELP = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials",
+    "gcs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+           "`gcloud auth application-default login`",
+}
+_URL = re.compile(r"^(?P<protocol>[a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of a listing: what a rerun compares to trust an output, without another request."""
+
+    key: str                 # path relative to the folder, "/"-separated
+    size: int
+    mtime: float | None      # seconds since the epoch (S3 LastModified, GCS updated, local st_mtime)
+    etag: str | None = None  # object stores' content tag (S3 ETag, GCS md5Hash); None for local files
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether `location` is a URL (`s3://...`) rather than a local path; `file://` counts as local."""
+    m = _URL.match(str(location))
+    return bool(m) and m["protocol"].lower() != "file"
+
+
+def safe_url(url: str) -> str:
+    """`url` without a `user:password@` part, for messages and logs."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", str(url))
+
+
+class Folder:
+    """A folder of tiles or outputs, local or in an object store, with the few operations a run needs.
+
+    Keys are "/"-separated paths relative to the folder. Local folders use the standard library;
+    the others go through fsspec (imported only for them).
+    """
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        text = str(location)
+        self.url = text.rstrip("/") if is_url(text) else text
+        self.local = not is_url(text)
+        self.protocol = "file" if self.local else _URL.match(text)["protocol"].lower()
+        if self.local:
+            self.root = Path(text[len("file://"):] if text.lower().startswith("file://") else text)
+            self.fs: Any = None
+        else:
+            self.fs, self.root = _filesystem(self.url, self.protocol)
+
+    def __repr__(self) -> str:
+        return f"Folder({safe_url(self.url)!r})"
+
+    # ------------------------------------------------------------------ names
+    def uri(self, key: str) -> str:
+        """The full path or URL of `key` (what messages and rasterio are given)."""
+        return str(self.root / key) if self.local else f"{self.url}/{key}"
+
+    def path(self, key: str) -> Path:
+        """The local path of `key` (local folders only)."""
+        if not self.local:
+            raise ValueError(f"{self!r} is not local")
+        return self.root / key
+
+    def _remote(self, key: str) -> str:
+        return f"{self.root}/{key}" if self.root else key
+
+    # ------------------------------------------------------------------ reading
+    def listing(self, recursive: bool = False) -> dict[str, Entry]:
+        """Every file in the folder (sub-folders too with `recursive`), from one listing.
+
+        A run lists once and answers "is it there, how big, how old" from this dict, rather than
+        with one request per tile; the first listing also proves the bucket and the credentials.
+        A folder (prefix) that does not exist lists as empty; a missing bucket, missing or refused
+        credentials raise RunError.
+        """
+        if self.local:
+            return _local_listing(self.root, recursive)
+        with self._errors():
+            try:
+                found = self.fs.find(self.root, maxdepth=None if recursive else 1, withdirs=False, detail=True)
+            except FileNotFoundError:       # a missing prefix lists as empty: only the bucket can be missing
+                raise RunError(_missing_bucket(self.url)) from None
+        prefix = f"{self.root}/" if self.root else ""
+        entries = (_entry(name[len(prefix):], info) for name, info in found.items() if name.startswith(prefix))
+        return {e.key: e for e in sorted(entries, key=lambda e: e.key)}
+
+    def exists(self, key: str) -> bool:
+        if self.local:
+            return self.path(key).is_file()
+        with self._errors():
+            return bool(self.fs.isfile(self._remote(key)))
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError when it is not there."""
+        if self.local:
+            return self.path(key).read_bytes()
+        with self._errors():
+            return bytes(self.fs.cat_file(self._remote(key)))
+
+    def open(self, key: str) -> IO[bytes]:
+        """A binary file object for reading (remote: ranged reads, for a header or a window)."""
+        if self.local:
+            return open(self.path(key), "rb")
+        with self._errors():
+            return self.fs.open(self._remote(key), "rb")
+
+    @contextmanager
+    def local_copy(self, *keys: str) -> Iterator[Path]:
+        """A local folder holding `keys` at their relative paths: the folder itself when local, else a download.
+
+        Lets every reader that wants a file name (np.load, the sidecar, rasterio) read a remote
+        tile unchanged; the download is deleted on exit. A key that does not exist is skipped.
+        """
+        if self.local:
+            yield self.root
+            return
+        with tempfile.TemporaryDirectory(prefix="stage2-") as tmp:
+            for key in keys:
+                dest = Path(tmp) / key
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with self._errors():
+                    try:
+                        self.fs.get_file(self._remote(key), str(dest))
+                    except FileNotFoundError:
+                        continue
+            yield Path(tmp)
+
+    # ------------------------------------------------------------------ writing
+    def write(self, key: str, write: Callable[[IO[bytes]], None]) -> str:
+        """Write `key` through `write(fileobj)` so that only the whole object ever appears; return its URI."""
+
+        def produce(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                write(f)
+
+        if self.local:
+            self._make_parents(key)
+            atomic_write(self.path(key), write)
+            return self.uri(key)
+        return self.write_path(key, produce)
+
+    def write_path(self, key: str, produce: Callable[[Path], None]) -> str:
+        """Like write, for writers that need a file name: `produce(path)` creates the file at `path`."""
+        if self.local:
+            self._make_parents(key)
+            atomic_write_path(self.path(key), produce)
+            return self.uri(key)
+        with tempfile.TemporaryDirectory(prefix="stage2-") as tmp:
+            local = Path(tmp) / Path(key).name
+            produce(local)                  # raises -> nothing uploaded
+            with self._errors():
+                self.fs.put_file(str(local), self._remote(key))
+        return self.uri(key)
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        return self.write(key, lambda f: f.write(data))
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; nothing happens when it is not there."""
+        if self.local:
+            self.path(key).unlink(missing_ok=True)
+            return
+        with self._errors():
+            try:
+                self.fs.rm_file(self._remote(key))
+            except FileNotFoundError:
+                pass
+
+    def _make_parents(self, key: str) -> None:
+        if "/" in key:
+            self.path(key).parent.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn what the object store raises for the whole run (bucket, credentials, access) into RunError."""
+        try:
+            yield
+        except Exception as e:
+            error = _run_level_error(e, self.url, self.protocol)
+            if error is None:
+                raise
+            raise error from None
+
+
+# ---------------------------------------------------------------------- filesystems
+def _filesystem(url: str, protocol: str) -> tuple[Any, str]:
+    """The fsspec filesystem and root path of `url`; RunError naming the extra to install when it is missing."""
+    import fsspec
+
+    extra = EXTRAS.get(protocol)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        install = f"pip install 'stage2[{extra}]'" if extra else "install the fsspec filesystem package for it"
+        raise RunError(f"{safe_url(url)}: reading {protocol}:// needs an extra package: {install}") from None
+    except ValueError:
+        raise RunError(f"{safe_url(url)}: unknown protocol {protocol}://: use a local path, s3://, gs:// "
+                       "or another URL fsspec knows") from None
+    # No listings cache: a run lists once itself, and a cached listing would hide its own writes.
+    fs, root = fsspec.core.url_to_fs(url, use_listings_cache=False)
+    return fs, root.rstrip("/")
+
+
+def _entry(key: str, info: dict[str, Any]) -> Entry:
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return Entry(key=key, size=int(info.get("size") or 0), mtime=_mtime(info),
+                 etag=str(etag).strip('"') if etag else None)
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Seconds since the epoch from whichever field the filesystem fills (S3, GCS, memory, local)."""
+    for field in ("LastModified", "mtime", "updated", "last_modified", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+def _local_listing(root: Path, recursive: bool) -> dict[str, Entry]:
+    """Files under `root` (links followed, each real folder once so a link loop ends); hidden names skipped."""
+    out: dict[str, Entry] = {}
+    seen: set[tuple[int, int]] = set()
+    for folder, subdirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
+        for name in names:
+            if name.startswith("."):
+                continue
+            p = Path(folder) / name
+            try:
+                st = p.stat()
+            except OSError:         # a dangling link
+                continue
+            out[p.relative_to(root).as_posix()] = Entry(p.relative_to(root).as_posix(), st.st_size, st.st_mtime)
+    return dict(sorted(out.items()))
+
+
+def _run_level_error(e: Exception, url: str, protocol: str) -> RunError | None:
+    """The RunError for a failure that concerns the whole folder, or None for one object's own failure.
+
+    The message is written here from the error's kind, never copied from the exception, so that
+    nothing the filesystem put in it (a key id, a signed header) reaches the console or the logs.
+    """
+    where = safe_url(url)
+    kind = type(e).__name__
+    store = EXTRAS.get(protocol, protocol)
+    if kind in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialRetrievalError"):
+        return RunError(f"{where}: no credentials for {protocol}:// were found: "
+                        f"{_CREDENTIAL_HELP.get(store, 'configure the filesystem as its documentation says')} "
+                        "(stage2 reads them only from the environment and the filesystem's own config)")
+    if isinstance(e, PermissionError) or (kind in ("ClientError", "HttpError") and _is_denied(e)):
+        return RunError(f"{where}: access denied: the credentials in the environment were refused or lack "
+                        "permission for this bucket; check them, or the bucket's policy")
+    if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
+        return RunError(_missing_bucket(url))
+    return None
+
+
+def _missing_bucket(url: str) -> str:
+    bucket = safe_url(url).split("://", 1)[1].split("/", 1)[0]
+    return (f"{safe_url(url)}: the bucket '{bucket}' does not exist (or these credentials cannot see it): "
+            "create it or correct the URL")
+
+
+def _is_denied(e: Exception) -> bool:
+    code = str(getattr(e, "code", "")) + str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+    return any(c in code for c in ("403", "401", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"))
+
