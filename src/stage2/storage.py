@@ -106,13 +106,26 @@ class Folder:
         if self.local:
             return _local_listing(self.root, recursive)
         with self._errors():
-            try:
-                found = self.fs.find(self.root, maxdepth=None if recursive else 1, withdirs=False, detail=True)
-            except FileNotFoundError:       # a missing prefix lists as empty: only the bucket can be missing
-                raise RunError(_missing_bucket(self.url)) from None
+            # find() of a whole subtree is one request per 1,000 keys on S3, but fsspec's walk hides
+            # errors (a missing bucket lists as empty), so an empty answer is checked with ls(), which raises.
+            found = self.fs.find(self.root, withdirs=False, detail=True) if recursive else {}
+            if not found:
+                found = {info["name"]: info for info in self._ls_root() if info.get("type") == "file"}
         prefix = f"{self.root}/" if self.root else ""
         entries = (_entry(name[len(prefix):], info) for name, info in found.items() if name.startswith(prefix))
         return {e.key: e for e in sorted(entries, key=lambda e: e.key)}
+
+    def _ls_root(self) -> list[dict[str, Any]]:
+        """ls() of the folder; [] for a prefix with no keys, RunError when the bucket itself is missing."""
+        try:
+            return list(self.fs.ls(self.root, detail=True))
+        except FileNotFoundError:
+            top = self.root.lstrip("/").split("/", 1)[0]
+            try:
+                self.fs.info(("/" if self.root.startswith("/") else "") + top)
+            except FileNotFoundError:
+                raise RunError(_missing_bucket(self.url)) from None
+            return []
 
     def exists(self, key: str) -> bool:
         if self.local:
@@ -196,9 +209,16 @@ class Folder:
             except FileNotFoundError:
                 pass
 
+    def make(self) -> None:
+        """Create a local folder (and its parents); an object store needs none (keys make prefixes)."""
+        if self.local:
+            self.root.mkdir(parents=True, exist_ok=True)
+
     def _make_parents(self, key: str) -> None:
-        if "/" in key:
-            self.path(key).parent.mkdir(parents=True, exist_ok=True)
+        """The sub-folders of `key` below the root, never the root itself (a vanished output folder stays an error)."""
+        parent = Path(key).parent
+        for sub in reversed([parent, *parent.parents][:-1]):
+            (self.root / sub).mkdir(exist_ok=True)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

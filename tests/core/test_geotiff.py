@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from geotiffs import CRS, TILE_256, TRANSFORM, demo_array, to_dn, write_geotiff
 
+from geotiffs import CRS, TILE_256, TRANSFORM, demo_array, to_dn, write_geotiff
 from stage2 import formats, tiles
 from stage2.formats import geotiff
 from stage2.tiles import TileError
-
-pytest.importorskip("rasterio")
 
 META = {"month": "jun", "biome_code": 4, "tile_id": "x"}
 

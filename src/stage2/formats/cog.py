@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def encode(dest: Path, arr: np.ndarray, crs: Any, transform: Any, settings: CogS
     """Encode a float32 (4, H, W) array to a COG file at `dest` (a local path)."""
     import rasterio
     import rasterio.shutil
+    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.io import MemoryFile
 
     options = {"COMPRESS": settings.compress.upper(), "LEVEL": settings.level, "PREDICTOR": "FLOATING_POINT",
@@ -75,7 +77,8 @@ def encode(dest: Path, arr: np.ndarray, crs: Any, transform: Any, settings: CogS
     else:
         options["OVERVIEW_COUNT"] = settings.overviews
     _, h, w = arr.shape
-    with rasterio.Env(CPL_TMPDIR=tempfile.gettempdir()), MemoryFile() as mem_file:
+    with warnings.catch_warnings(), rasterio.Env(CPL_TMPDIR=tempfile.gettempdir()), MemoryFile() as mem_file:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)     # reported by write_cog's result instead
         with mem_file.open(driver="MEM", width=w, height=h, count=N_BANDS, dtype="float32", crs=crs,
                            transform=transform, nodata=float("nan")) as mem:
             mem.write(arr)
