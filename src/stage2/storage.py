@@ -71,28 +71,34 @@ class Folder:
         self.url = text.rstrip("/") if is_url(text) else text
         self.local = not is_url(text)
         self.protocol = "file" if self.local else _URL.match(text)["protocol"].lower()
-        if self.local:
-            self.root = Path(text[len("file://"):] if text.lower().startswith("file://") else text)
-            self.fs: Any = None
-        else:
-            self.fs, self.root = _filesystem(self.url, self.protocol)
+        # Local: the folder's Path. Remote: the fsspec filesystem and the folder's path in it ("bucket/prefix").
+        self._root = Path(text[len("file://"):] if text.lower().startswith("file://") else text)
+        self.fs: Any = None
+        self._prefix = ""
+        if not self.local:
+            self.fs, self._prefix = filesystem(self.url)
 
     def __repr__(self) -> str:
         return f"Folder({safe_url(self.url)!r})"
 
     # ------------------------------------------------------------------ names
+    @property
+    def root(self) -> Path:
+        """The local folder (local folders only)."""
+        if not self.local:
+            raise ValueError(f"{self!r} is not local")
+        return self._root
+
     def uri(self, key: str) -> str:
         """The full path or URL of `key` (what messages and rasterio are given)."""
         return str(self.root / key) if self.local else f"{self.url}/{key}"
 
     def path(self, key: str) -> Path:
         """The local path of `key` (local folders only)."""
-        if not self.local:
-            raise ValueError(f"{self!r} is not local")
         return self.root / key
 
     def _remote(self, key: str) -> str:
-        return f"{self.root}/{key}" if self.root else key
+        return f"{self._prefix}/{key}" if self._prefix else key
 
     # ------------------------------------------------------------------ reading
     def listing(self, recursive: bool = False) -> dict[str, Entry]:
@@ -108,21 +114,21 @@ class Folder:
         with self._errors():
             # find() of a whole subtree is one request per 1,000 keys on S3, but fsspec's walk hides
             # errors (a missing bucket lists as empty), so an empty answer is checked with ls(), which raises.
-            found = self.fs.find(self.root, withdirs=False, detail=True) if recursive else {}
+            found = self.fs.find(self._prefix, withdirs=False, detail=True) if recursive else {}
             if not found:
                 found = {info["name"]: info for info in self._ls_root() if info.get("type") == "file"}
-        prefix = f"{self.root}/" if self.root else ""
+        prefix = f"{self._prefix}/" if self._prefix else ""
         entries = (_entry(name[len(prefix):], info) for name, info in found.items() if name.startswith(prefix))
         return {e.key: e for e in sorted(entries, key=lambda e: e.key)}
 
     def _ls_root(self) -> list[dict[str, Any]]:
         """ls() of the folder; [] for a prefix with no keys, RunError when the bucket itself is missing."""
         try:
-            return list(self.fs.ls(self.root, detail=True))
+            return list(self.fs.ls(self._prefix, detail=True))
         except FileNotFoundError:
-            top = self.root.lstrip("/").split("/", 1)[0]
+            top = self._prefix.lstrip("/").split("/", 1)[0]
             try:
-                self.fs.info(("/" if self.root.startswith("/") else "") + top)
+                self.fs.info(("/" if self._prefix.startswith("/") else "") + top)
             except FileNotFoundError:
                 raise RunError(_missing_bucket(self.url)) from None
             return []
@@ -171,15 +177,15 @@ class Folder:
     # ------------------------------------------------------------------ writing
     def write(self, key: str, write: Callable[[IO[bytes]], None]) -> str:
         """Write `key` through `write(fileobj)` so that only the whole object ever appears; return its URI."""
+        if self.local:
+            self._make_parents(key)
+            atomic_write(self.path(key), write)
+            return self.uri(key)
 
         def produce(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 write(f)
 
-        if self.local:
-            self._make_parents(key)
-            atomic_write(self.path(key), write)
-            return self.uri(key)
         return self.write_path(key, produce)
 
     def write_path(self, key: str, produce: Callable[[Path], None]) -> str:
@@ -196,7 +202,12 @@ class Folder:
         return self.uri(key)
 
     def write_bytes(self, key: str, data: bytes) -> str:
-        return self.write(key, lambda f: f.write(data))
+        """Write `key` whole from memory (a JSON sidecar, a summary): one PUT on an object store."""
+        if self.local:
+            return self.write(key, lambda f: f.write(data))
+        with self._errors():
+            self.fs.pipe_file(self._remote(key), data)
+        return self.uri(key)
 
     def delete(self, key: str) -> None:
         """Remove `key`; nothing happens when it is not there."""
@@ -233,10 +244,11 @@ class Folder:
 
 
 # ---------------------------------------------------------------------- filesystems
-def _filesystem(url: str, protocol: str) -> tuple[Any, str]:
-    """The fsspec filesystem and root path of `url`; RunError naming the extra to install when it is missing."""
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem and path of `url`; RunError naming the extra to install when it is missing."""
     import fsspec
 
+    protocol = _URL.match(url)["protocol"].lower()
     extra = EXTRAS.get(protocol)
     try:
         fsspec.get_filesystem_class(protocol)

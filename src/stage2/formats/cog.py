@@ -27,7 +27,7 @@ SUFFIX = ".tif"
 COMPRESSIONS = ("deflate", "zstd")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CogSettings:
     """The `cog:` section of conf/predict.yaml (its comments say why each value)."""
 
@@ -61,7 +61,11 @@ def write_cog(folder: Folder, key: str, opt_v2: np.ndarray, geo: GeoRef | None, 
 
 
 def encode(dest: Path, arr: np.ndarray, crs: Any, transform: Any, settings: CogSettings) -> None:
-    """Encode a float32 (4, H, W) array to a COG file at `dest` (a local path)."""
+    """Encode a float32 (4, H, W) array to a COG file at `dest` (a local path).
+
+    GDAL reads the pixels from an in-memory copy (MEM driver): a tile's output is held twice while
+    it is encoded (a 4096 px scene: 2 x 256 MiB).
+    """
     import rasterio
     import rasterio.shutil
     from rasterio.errors import NotGeoreferencedWarning

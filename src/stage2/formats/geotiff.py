@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..storage import is_url
+from ..storage import filesystem, is_url
 from ..tiles import (
     BANDS,
     DN_HINT,
@@ -67,6 +67,7 @@ class GeoTiff:
         self.input_offset = input_offset
         self._ds = open_dataset(self.source)
         self.header = _header(self._ds)
+        self._checked = False
 
     def __enter__(self) -> GeoTiff:
         return self
@@ -94,9 +95,15 @@ class GeoTiff:
         if kind not in "iuf":
             raise TileError(f"unsupported data type {self.header.dtype}", "store float32 reflectance in [0, 1] "
                             "or integer digital numbers with input_scale")
+        self._checked = True
 
     def read(self, window: Window | None = None) -> np.ndarray:
-        """float32 (4, h, w) reflectance of `window` (the whole raster when None); no-data pixels are NaN."""
+        """float32 (4, h, w) reflectance of `window` (the whole raster when None); no-data pixels are NaN.
+
+        The first read runs check() (a header problem is a TileError before any pixel is read).
+        """
+        if not self._checked:
+            self.check()
         _, height, width = self.header.shape
         row, col, h, w = window if window is not None else (0, 0, height, width)
         if h <= 0 or w <= 0 or row < 0 or col < 0 or row + h > height or col + w > width:
@@ -118,7 +125,7 @@ class GeoTiff:
                 return to_reflectance(self._ds.read(window=win), self.input_scale, self.input_offset)
             data = self._ds.read(window=win, masked=True)
         except RasterioError as e:
-            raise TileError(f"unreadable GeoTIFF pixels: {e}",
+            raise TileError(f"unreadable GeoTIFF pixels: {_first_line(e)}",
                             "the file is damaged or was cut short: regenerate it") from None
         out = to_reflectance(np.ma.getdata(data), self.input_scale, self.input_offset)   # float from here
         out[np.ma.getmaskarray(data)] = np.nan
@@ -154,7 +161,6 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
     if not path.is_file():
         raise TileError("not a regular file", "remove it or point input_dir at the tiles")
     with GeoTiff(path, input_scale=input_scale, input_offset=input_offset) as tif:
-        tif.check()
         raw = tif.read()
         header = tif.header
     n_nodata = int(np.count_nonzero(np.isnan(raw).any(axis=0)))
@@ -175,11 +181,8 @@ def open_dataset(source: str | os.PathLike) -> Any:
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-    source, opener = str(source), None
-    if is_url(source):
-        import fsspec
-
-        opener = fsspec.core.url_to_fs(source)[0]
+    source = str(source)
+    opener = filesystem(source)[0] if is_url(source) else None
     try:
         with warnings.catch_warnings():     # no CRS is a state the caller reports (not_georeferenced)
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
