@@ -39,9 +39,9 @@ _MONTH_NAMES = {name: i + 1 for i, name in enumerate(_MONTHS)} | {
 SCALING_HINT = ("it looks like digital numbers or reflectance x 10000: divide by 10000 "
                 "(and subtract the 1000 offset for processing baseline 04.00 and later) "
                 "so values lie in [0, 1]")
-DN_HINT = ("integer digital numbers need a scale: run with input_scale=0.0001 (Sentinel-2 L1C/L2A) "
-           "and input_offset=-0.1 for processing baseline 04.00 and later, so that "
-           "reflectance = DN x input_scale + input_offset")
+DN_HINT = ("run with input_scale=0.0001 (Sentinel-2 L1C/L2A), and input_offset=-0.1 for processing baseline "
+           "04.00 and later, so that reflectance = DN x input_scale + input_offset; "
+           "or divide by 10000 in Stage 1")
 
 
 class TileError(Exception):

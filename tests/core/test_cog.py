@@ -45,6 +45,7 @@ def test_geotiff_in_cog_out_keeps_values_bands_nodata_and_georeferencing(tmp_pat
     with rasterio.open(out) as ds, rasterio.open(src) as inp:
         assert ds.count == 4 and ds.dtypes == ("float32",) * 4
         assert ds.descriptions == ("B02", "B03", "B04", "B08")
+        assert [c.name for c in ds.colorinterp] == ["blue", "green", "red", "undefined"]
         assert math.isnan(ds.nodata)
         assert ds.crs == inp.crs and ds.crs.to_epsg() == 32633
         assert ds.transform == inp.transform and ds.bounds == inp.bounds

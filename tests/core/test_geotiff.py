@@ -132,6 +132,7 @@ def test_the_header_is_read_without_the_pixels(tmp_path):
         geotiff.read_tile(cut, input_scale=None, input_offset=None)
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")   # writing it
 def test_a_tif_without_a_crs_has_no_georeferencing(tmp_path):
     write_geotiff(tmp_path / "plain.tif", demo_array(), crs=None)
     assert geotiff.read_tile(tmp_path / "plain.tif", input_scale=None, input_offset=None).geo is None
