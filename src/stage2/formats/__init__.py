@@ -8,6 +8,7 @@ only when a GeoTIFF is opened.
 from __future__ import annotations
 
 import os
+from collections.abc import Container, Iterable
 from pathlib import Path
 
 from .. import tiles
@@ -37,3 +38,34 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
 def peek_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
     """(bands, H, W) from the file's header without its pixels; None when it cannot be read."""
     return geotiff.peek_shape(path) if is_geotiff(path) else tiles.peek_shape(Path(path))
+
+
+# ---------------------------------------------------------------------------- names in a listing
+OUTPUT_FORMATS = ("npz", "cog", "both")
+
+
+def input_keys(keys: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The tile inputs among a listing's keys (sorted), and the output names more than one input would write.
+
+    `a.npz` beside `a.tif` both name the output `a`: the caller fails them both rather than let
+    one overwrite the other's output.
+    """
+    inputs = sorted(k for k in keys if is_input(k))
+    by_name: dict[str, list[str]] = {}
+    for key in inputs:
+        by_name.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    return inputs, {name: ks for name, ks in by_name.items() if len(ks) > 1}
+
+
+def output_keys(name: str, output_format: str) -> list[str]:
+    """The files of one tile's output in the order they are written: data first, the JSON last (SPEC 3)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format={output_format!r}: use one of {list(OUTPUT_FORMATS)}")
+    data = {"npz": [f"{name}{NPZ_SUFFIX}"], "cog": [f"{name}.tif"],
+            "both": [f"{name}{NPZ_SUFFIX}", f"{name}.tif"]}[output_format]
+    return [*data, f"{name}.json"]
+
+
+def is_done(listing: Container[str], name: str, output_format: str) -> bool:
+    """Whether a listing holds every file of `name`'s output in this format (a JSON of another format's run is not)."""
+    return all(key in listing for key in output_keys(name, output_format))
