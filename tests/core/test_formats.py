@@ -30,3 +30,15 @@ def test_output_files_json_last_and_done_only_when_all_are_listed(output_format,
 def test_unknown_output_format_is_named():
     with pytest.raises(ValueError, match="output_format='tiff'"):
         formats.output_keys("t", "tiff")
+
+
+def test_the_format_layer_imports_no_rasterio_or_fsspec():
+    """`import stage2` and the NPZ fast path stay light: GDAL and fsspec load only when a GeoTIFF or URL is used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stage2.formats, stage2.formats.cog, stage2.storage; "
+            "heavy = [m for m in ('rasterio', 'fsspec', 's3fs', 'rio_cogeo', 'torch') if m in sys.modules]; "
+            "print(heavy); assert not heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
