@@ -133,7 +133,8 @@ def test_nothing_to_do_path_imports_no_torch(tmp_path, tiny_ckpt):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_tile(inp / "a.npz", 32, 32)
     processing = {"checkpoint_sha256": fingerprint(tiny_ckpt)["sha256"], **input_state(inp / "a.npz")}
-    stage2.write_tile(out, "a", np.zeros((4, 32, 32), np.float32), {"stage": "stage2_refined", "processing": processing})
+    stage2.write_tile(out, "a", np.zeros((4, 32, 32), np.float32),
+                      {"stage": "stage2_refined", "processing": processing})
     code = (f"import sys; sys.argv=['stage2.predict', 'checkpoint={tiny_ckpt}', 'input_dir={inp}', 'output_dir={out}'];\n"
             "import stage2.predict.app\ntry:\n    stage2.predict.app.main()\nexcept SystemExit as e:\n    pass\n"
             "assert 'torch' not in sys.modules and 'terratorch' not in sys.modules, 'heavy import'\nprint('LIGHT')")

@@ -7,7 +7,9 @@ A lock file naming another host is never taken over: flock may not reach across 
 network file system, so the message says to delete the file if that run is gone.
 
 The lock is a file that is rewritten in place, not through atomic_write: a rename would replace
-the very inode that carries the flock. Standard library only (the "nothing to do" path takes it).
+the very inode that carries the flock. The flock is held on a read-only descriptor, so a run
+keeps no file open for writing between batches (an administrator can still remount the folder
+read-only; the run then stops, exit 3). Standard library only (the "nothing to do" path takes it).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class RunLock:
 
     def _acquire(self) -> None:
         for _ in range(5):      # the holder may unlink the file between our open and our flock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -106,10 +108,10 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
               "command": " ".join(sys.argv)[:500]}
-        data = (json.dumps(me, indent=2) + "\n").encode("utf-8")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
         self._fd = fd
+        with open(self.path, "r+b") as f:          # the same inode: _same_file checked it under the flock
+            f.write((json.dumps(me, indent=2) + "\n").encode("utf-8"))
+            f.truncate()
 
     def _release(self) -> None:
         if self._fd is None:

@@ -47,7 +47,7 @@ def check_output_dir(input_dir: Path, output_dir: Path) -> None:
     if not existing.is_dir():
         raise RunError(f"output_dir {output_dir} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is read-only" if existing == output_dir else f"cannot be created in read-only {existing}"
+        what = "is read-only" if existing == output_dir.absolute() else f"cannot be created in read-only {existing}"
         raise RunError(f"output_dir {output_dir} {what}: choose a folder you can write to, "
                        "or fix its permissions (or the mount)")
 
