@@ -32,8 +32,9 @@ EXIT_STOPPED = 3         # stopped part-way (disk full, output folder gone, unex
 EXIT_INTERRUPTED = 130   # Ctrl-C or SIGTERM
 
 TMP_SUFFIX = ".tmp"
-# `.<name>.<pid>.tmp` (temporary_name): the pid says whose it is, so only a dead process's are removed.
-_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)" + re.escape(TMP_SUFFIX) + "$")
+# `.<name>.<pid>.tmp` (temporary_name) of an output file: the pid says whose it is, so only a dead
+# process's are removed. `.<name>.tmp` (no pid) is an older stage2's. Other hidden files are a user's.
+_TMP_NAME = re.compile(r"^\.(?P<name>.+\.(npz|json|jsonl|tif|tiff))(\.(?P<pid>\d+))?" + re.escape(TMP_SUFFIX) + "$")
 
 
 class RunError(Exception):
@@ -265,9 +266,11 @@ def temporary_name(final: Path) -> Path:
 
 
 def temporary_owner(path: Path) -> int | None:
-    """The pid in a `.<name>.<pid>.tmp` name, or None for any other name (a user's file)."""
+    """The pid in a `.<name>.<pid>.tmp` name, 0 for an older stage2's `.<name>.tmp`, None for a user's file."""
     m = _TMP_NAME.match(path.name)
-    return int(m.group("pid")) if m else None
+    if m is None:
+        return None
+    return int(m.group("pid")) if m.group("pid") else 0
 
 
 def pid_alive(pid: int) -> bool:

@@ -119,11 +119,13 @@ def test_only_a_dead_processs_temporaries_are_removed(tmp_path):
     live = tmp_path / f".a.npz.{os.getppid()}.tmp"             # a live process's write in flight
     dead = tmp_path / f".a.npz.{gone.pid}.tmp"
     mine = temporary_name(tmp_path / "b.json")
-    user = [tmp_path / ".notes.tmp", tmp_path / ".draft.npz.tmp", tmp_path / ".x.12ab.tmp"]
-    for p in (live, dead, mine, *user):
+    older = tmp_path / ".c.json.tmp"                             # an older stage2's, without a pid
+    user = [tmp_path / ".notes.tmp", tmp_path / ".notes.txt.77.tmp", tmp_path / ".x.npz.12ab.tmp"]
+    for p in (live, dead, mine, older, *user):
         p.write_bytes(b"x")
-    assert remove_stale_temporaries(tmp_path) == 1
-    assert not dead.exists() and live.exists() and mine.exists() and all(p.exists() for p in user)
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not dead.exists() and not older.exists()
+    assert live.exists() and mine.exists() and all(p.exists() for p in user)
 
 
 def test_tiles_named_like_the_runs_own_files_fail_clearly(tmp_path, tiny_ckpt, capsys):

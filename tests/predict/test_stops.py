@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from helpers import compose_predict, console_lines, make_tile, mounted, remount
 from stage2.predict.app import run
@@ -53,12 +54,13 @@ def _write_hook(monkeypatch, after, action):
     monkeypatch.setattr(writer, "write_tile", write_tile)
 
 
-def test_disk_full_stops_at_once_and_a_rerun_finishes(tmp_path, tiny_ckpt, capsys):
+@pytest.mark.parametrize("threads", [0, 2])      # written between batches (cpu profile) or by writer threads (GPUs)
+def test_disk_full_stops_at_once_and_a_rerun_finishes(tmp_path, tiny_ckpt, capsys, threads):
     inp = tmp_path / "in"
     _tiles(inp, 12)                     # 66 kB per output NPZ: about four fit in 300 kB
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=300k", "tmpfs") as small:
         out = small / "out"
-        code, err = _run(capsys, tiny_ckpt, inp, out)
+        code, err = _run(capsys, tiny_ckpt, inp, out, f"writer_threads={threads}")
         assert code == 3 and len(err) == 1, err
         assert err[0].startswith("stage2: stopped: disk full") and "rerun" in err[0]
         s = json.loads((out / "_stage2_summary.json").read_text())
