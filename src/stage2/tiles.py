@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -272,14 +274,22 @@ def peek_shape(path: Path, key: str = INPUT_KEY) -> tuple[int, ...] | None:
     """
     try:
         with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, _ = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, _, _ = np.lib.format.read_array_header_2_0(f)
-            return tuple(int(s) for s in shape)
+            major, _ = np.lib.format.read_magic(f)
+            size = struct.unpack("<H" if major == 1 else "<I", f.read(2 if major == 1 else 4))[0]
+            return _header_shape(f.read(size).decode("latin1"))
     except Exception:
         return None
+
+
+_SHAPE = re.compile(r"'shape':\s*\(([\d\s,]*)\)")
+
+
+def _header_shape(header: str) -> tuple[int, ...] | None:
+    """`shape` of an .npy header dict. A regular expression, not numpy's literal_eval: a rerun checks
+    two headers per tile, and the whole check took 0.51 ms per tile with literal_eval, 0.28-0.34 ms
+    without it (3000 tiles, benchmarks/bench_rerun.py)."""
+    m = _SHAPE.search(header)
+    return tuple(int(x) for x in m.group(1).split(",") if x.strip()) if m else None
 
 
 def _load_array(path: Path) -> np.ndarray:

@@ -53,7 +53,7 @@ def verdict(output_dir: Path, name: str, input_path: Path, sha256: str) -> tuple
     if not isinstance(processing, dict):
         return INCOMPLETE, {}
     want = peek_shape(input_path)
-    if want is None or peek_shape(npz, OUTPUT_KEY) != want:
+    if want is None or peek_shape(npz, OUTPUT_KEY) != want:     # cut short, damaged, or not this input's
         return INCOMPLETE, processing
     if processing.get("checkpoint_sha256") != sha256:
         return FOREIGN, processing
