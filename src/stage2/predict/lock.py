@@ -85,6 +85,9 @@ class RunLock:
                 os.close(fd)
                 raise RunError(f"output_dir {self.output_dir} is in use by another stage2 run "
                                f"({_describe(holder)}): wait for it to finish, or choose another output_dir") from None
+            except OSError as e:        # a file system without file locks (some FUSE and network mounts)
+                log.warning("%s does not support file locks (%s): only the holder named in %s is checked",
+                            self.output_dir, e.strerror, LOCK_FILE)
             if _same_file(fd, self.path):
                 self._take(fd)
                 return
