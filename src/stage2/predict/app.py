@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +40,9 @@ from ..runtime import (
 from ..tiles import discover, remove_stale_temporaries
 from .lock import RunLock
 from .preflight import check_output_dir, check_settings
+
+if TYPE_CHECKING:
+    from .summary import RunSummary
 
 log = logging.getLogger("stage2")
 register_resolvers()
@@ -193,7 +196,7 @@ def execute(parts: Parts, t0: float) -> tuple[list[Any], list[dict[str, str]], f
 
 # ---------------------------------------------------------------------------- summarise
 def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
-                 t0: float, **status: Any) -> Any:
+                 t0: float, **status: Any) -> RunSummary:
     """The RunSummary of this run (`status`: stopped=<reason> or interrupted=True for a run cut short)."""
     from .summary import RunSummary, quality_summary
     from .writer import first_failures
@@ -296,7 +299,7 @@ def _predict(cfg: DictConfig, p: Plan, t0: float, outcome: dict[str, Any]) -> in
     log.info("checkpoint loaded (%s) at %.1f s", model.config["name"], time.perf_counter() - t0)
     parts = build(cfg, p, model)
     if parts.trainer.is_global_zero:
-        discard(p.output_dir, p.untrusted)      # the first write: every run-level check has passed
+        discard(p.output_dir, p.untrusted)      # the first change to outputs: every run-level check has passed
     try:
         result = execute(parts, t0)
     except BaseException as e:

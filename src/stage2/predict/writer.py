@@ -55,11 +55,11 @@ class TileWriter(BasePredictionWriter):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The precision Lightning actually runs (16-mixed becomes bf16-mixed on a CPU), not the one asked for.
+        self.processing.update(precision=str(trainer.precision), use_amp=uses_amp(str(trainer.precision)))
         # Here, not in on_predict_start: every rank calls setup, but a rank that got no batch
         # (fewer batches than devices) skips the predict loop and its hooks, so a barrier there
         # would wait forever. Rank 0 cleans up before any rank can write.
-        # The precision Lightning actually runs (16-mixed becomes bf16-mixed on a CPU), not the one asked for.
-        self.processing.update(precision=str(trainer.precision), use_amp=uses_amp(str(trainer.precision)))
         if trainer.is_global_zero:
             remove_stale_temporaries(self.output_dir)
             (self.output_dir / FAILURES_FILE).unlink(missing_ok=True)  # this run lists its own failures
