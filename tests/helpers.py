@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,3 +37,36 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300, module
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def compose_predict(*overrides: str):
+    """conf/predict.yaml composed with `overrides`, as `python -m stage2.predict` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from stage2 import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("predict", overrides=list(overrides))
+
+
+@contextmanager
+def mounted(target: Path, *args: str) -> Iterator[Path]:
+    """`mount ARGS TARGET` for the block (needs root); the test is skipped, saying why, where mount is refused."""
+    target.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"mount {' '.join(args)} was refused ({r.stderr.strip()}): this test needs root")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def remount(target: Path, options: str) -> None:
+    """`mount -o remount,OPTIONS TARGET` (e.g. "ro,bind" or "size=8m")."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(target)], check=True, capture_output=True)
+
+
+def console_lines(err: str) -> list[str]:
+    """The lines stage2 itself printed on stderr (Lightning's INFO notes and progress bars aside)."""
+    return [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("stage2") and "tile/s" not in ln]

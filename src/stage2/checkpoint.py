@@ -1,22 +1,29 @@
-"""The Stage 2 checkpoint format (SPEC 6) and its safe loading.
+"""The Stage 2 checkpoint format (SPEC 6), its fingerprint and its safe loading.
 
 A `.pt` file is a plain dict: {"stage2_checkpoint": FORMAT_VERSION, "model_config": {...},
 "state_dict": {...}, "stage2_version": "..."}. Everything is loaded with
-`torch.load(weights_only=True)`, which refuses any pickle that would run code. Lightning `.ckpt`
-files written by `stage2.train` carry the same marker and config in `hyper_parameters`.
+`torch.load(weights_only=True)`, which refuses any pickle that would run code, and only Prithvi
+backbones of terratorch's own registry are built from a checkpoint's config (SPEC 5). Lightning
+`.ckpt` files written by `stage2.train` carry the same marker and config in `hyper_parameters`.
+
+torch is imported inside the functions that load or save: the "nothing to do" path fingerprints
+the checkpoint (hashlib) without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .runtime import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MARKER = "stage2_checkpoint"
 FORMAT_VERSION = 1
@@ -26,8 +33,29 @@ class CheckpointError(Exception):
     """The checkpoint cannot be used; the message names the file and says what to do."""
 
 
+def fingerprint(path: str | os.PathLike, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """{"path", "size", "mtime_ns", "sha256"} of a checkpoint file: what outputs record to be trusted.
+
+    Hashing reads the whole file: about 1.3 s for 1.3 GB here (SHA-NI, page cache warm). `known`,
+    the record of an earlier run (its summary keeps one), is reused when the resolved path, size
+    and mtime still match, so a finished AOI's rerun does not read the checkpoint at all.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    record = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if known and all(known.get(k) == v for k, v in record.items()) and isinstance(known.get("sha256"), str):
+        return {**record, "sha256": known["sha256"]}
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return {**record, "sha256": h.hexdigest()}
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write model config, weights and the Stage 2 marker to `path` (atomically)."""
+    import torch
+
     from . import __version__
 
     config = getattr(model, "config", None)
@@ -45,6 +73,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def _read(path: Path) -> Any:
+    import torch
+
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path (checkpoint=...)")
     if not path.is_file():
@@ -91,12 +121,27 @@ def _unpack(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
                           "it may be a Stage 1 or Stage 3 model; pass the Stage 2 refiner checkpoint")
 
 
+def read_checked(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    """(model_config, state_dict, raw) of a Stage 2 checkpoint, safely read; CheckpointError otherwise."""
+    path = Path(path)
+    raw = _read(path)
+    config, state = _unpack(raw, path)
+    return config, state, raw
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the architecture recorded in the checkpoint, load its weights, eval mode, on `device`."""
-    from .model import Stage2Refiner, model_config
+    import torch
+
+    from .model import Stage2Refiner, check_backbone, model_config
 
     path = Path(path)
-    config, state = _unpack(_read(path), path)
+    config, state, _ = read_checked(path)
+    try:
+        check_backbone(config.get("backbone"))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} is not a safe Stage 2 checkpoint: {e}; nothing was built or "
+                              "downloaded. Use a checkpoint of stage2.save_checkpoint or stage2.train") from None
     try:
         # Built on the meta device: no memory and no random init for weights that are replaced anyway
         # (saves about a second for prithvi_eo_v1_100); load_state_dict(assign=True) materialises them.

@@ -38,6 +38,25 @@ def padded_size(h: int, w: int, multiple: int) -> tuple[int, int]:
     return h + (-h) % multiple, w + (-w) % multiple
 
 
+def safe_backbones() -> frozenset[str]:
+    """The backbones a Stage2Refiner may build: Prithvi models of terratorch's own registry.
+
+    Anything else (a `timm_hf-hub:<user>/<model>` name, another registry's model) could reach for
+    the network or run code from elsewhere when built (SPEC 5).
+    """
+    from terratorch.models.backbones import prithvi_vit
+    from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
+
+    return frozenset(n for n in prithvi_vit.prithvi_cfgs if n in TERRATORCH_BACKBONE_REGISTRY)
+
+
+def check_backbone(name: Any) -> None:
+    """ValueError unless `name` is one of safe_backbones()."""
+    allowed = safe_backbones()
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"backbone {name!r} is not one of terratorch's Prithvi backbones {sorted(allowed)}")
+
+
 class Stage2Refiner(nn.Module):
     """Refine a Stage 1 optical estimate: opt_v2 = clip(opt_v1 + delta, 0, 1).
 
@@ -69,6 +88,7 @@ class Stage2Refiner(nn.Module):
             "name": name or backbone, "backbone": backbone, "decoder_channels": decoder_channels,
             "refine_channels": refine_channels, "n_months": n_months, "n_biomes": n_biomes,
         }
+        check_backbone(backbone)
         bands = [HLSBands.BLUE, HLSBands.GREEN, HLSBands.RED, HLSBands.NIR_NARROW]
         self.encoder = BACKBONE_REGISTRY.build(backbone, pretrained=False, bands=bands, num_frames=1)
         cfg = prithvi_vit.prithvi_cfgs.get(backbone, {})

@@ -8,10 +8,15 @@ without importing torch. torch is imported inside the functions that need it.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
+import re
+import signal
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,13 +28,33 @@ log = logging.getLogger("stage2")
 EXIT_OK = 0              # every tile written
 EXIT_TILES_FAILED = 1    # some tiles failed, each listed in _stage2_failures.jsonl
 EXIT_RUN_ERROR = 2       # a run-level error found before anything was written
-EXIT_INTERRUPTED = 130   # Ctrl-C
+EXIT_STOPPED = 3         # stopped part-way (disk full, output folder gone, unexpected error); rerun resumes
+EXIT_INTERRUPTED = 130   # Ctrl-C or SIGTERM
 
 TMP_SUFFIX = ".tmp"
+# `.<name>.<pid>.tmp` (temporary_name) of an output file: the pid says whose it is, so only a dead
+# process's are removed. `.<name>.tmp` (no pid) is an older stage2's. Other hidden files are a user's.
+_TMP_NAME = re.compile(r"^\.(?P<name>.+\.(npz|json|jsonl|tif|tiff))(\.(?P<pid>\d+))?" + re.escape(TMP_SUFFIX) + "$")
 
 
 class RunError(Exception):
     """A run-level problem: one line naming the path and what to do; exit code 2, nothing written."""
+
+
+class RunStopped(Exception):
+    """The run stopped part-way (exit 3): the summary already says what was done; `str()` is the console line."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run (exit 130): the summary says `"interrupted": true`; `str()` says what was done."""
+
+
+# Set by guarded() when the command itself starts: a SystemExit(1) before that is Hydra's own
+# config error (an unknown key, a bad override), which run_then_exit reports as exit 2.
+_task_started = False
+# The signal that interrupted this process (SIGINT/SIGTERM), if any: Lightning turns the
+# KeyboardInterrupt it sees into sys.exit(1), and this tells the app it was an interruption.
+_interrupted_by: int | None = None
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -37,24 +62,95 @@ def guarded(run: Callable[[], int], cfg: DictConfig | None = None, prog: str = "
             outcome: dict[str, Any] | None = None) -> int:
     """Call `run()` and turn what it raises into an exit code: the one error wrapper of every command.
 
-    RunError -> one line `<prog>: error: ...` on stderr and exit 2 (the traceback too with
-    `verbose=true`); Ctrl-C -> 130. `outcome`, when given, receives the error text (sweeps report it).
+    Each outcome is one console line on stderr (SPEC 5): RunError -> `<prog>: error: ...`, exit 2;
+    RunStopped -> `<prog>: stopped: ...`, exit 3; any other exception -> `<prog>: stopped:
+    unexpected ...`, exit 3; Ctrl-C or SIGTERM -> `<prog>: interrupted`, exit 130. The traceback
+    always goes to the log file, and to the console only with `verbose=true`. `outcome`, when
+    given, receives the error text (sweeps report it).
     """
+    global _task_started
+    _task_started = True
+    with interrupt_signals():
+        try:
+            return run()
+        except BaseException as e:
+            outcome_of = _classify(e)
+            if outcome_of is None:      # SystemExit and the like pass through
+                raise
+            code, line = outcome_of
+            log_to_file(f"{prog}: {line}", exc_info=code != EXIT_INTERRUPTED)
+            if cfg is not None and cfg.get("verbose") and code != EXIT_INTERRUPTED:
+                traceback.print_exc(file=sys.stderr)
+    print(f"{prog}: {line}", file=sys.stderr)
+    if outcome is not None:
+        outcome["error"] = "interrupted" if code == EXIT_INTERRUPTED else line.split(": ", 1)[-1]
+    return code
+
+
+def _classify(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, console line) of what a command raised; None for what must pass through."""
+    if isinstance(e, RunError):
+        return EXIT_RUN_ERROR, f"error: {e}"
+    if isinstance(e, RunStopped):
+        return EXIT_STOPPED, f"stopped: {e}"
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and interrupted_by_signal()):
+        return EXIT_INTERRUPTED, f"interrupted: {e}" if isinstance(e, RunInterrupted) else "interrupted"
+    if isinstance(e, Exception):
+        return EXIT_STOPPED, (f"stopped: unexpected {type(e).__name__}: {first_line(e)} "
+                              f"(traceback in {log_file() or 'the log'})")
+    return None
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (or its type), for one-line messages."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def log_file() -> str | None:
+    """The path of the log file a FileHandler writes to (the Hydra run dir's log), if any."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            return h.baseFilename
+    return None
+
+
+def log_to_file(message: str, exc_info: bool = False) -> None:
+    """Write `message` (and the current traceback) to the log file only, never to the console."""
+    record = log.makeRecord(log.name, logging.ERROR if exc_info else logging.INFO, __file__, 0, message, (),
+                            sys.exc_info() if exc_info else None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
+# ---------------------------------------------------------------------------- signals
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    global _interrupted_by
+    _interrupted_by = signum
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def interrupt_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt for the command's duration (exit 130, SPEC 5).
+
+    SIGTERM would otherwise end the process at once, with no summary. DataLoader workers inherit
+    the handler; torch's worker loop ends quietly on KeyboardInterrupt. Outside the main thread
+    (signals cannot be set there) nothing changes.
+    """
+    global _interrupted_by
+    _interrupted_by = None
     try:
-        return run()
-    except RunError as e:
-        if outcome is not None:
-            outcome["error"] = str(e)
-        if cfg is not None and cfg.get("verbose"):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        _to_log_file(f"run-level error: {e}")
-        return EXIT_RUN_ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        if outcome is not None:
-            outcome["error"] = "interrupted"
-        return EXIT_INTERRUPTED
+        before = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:          # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def hydra_main(config_name: str, run: Callable[[DictConfig], int]) -> Callable[[], Any]:
@@ -73,10 +169,9 @@ def hydra_main(config_name: str, run: Callable[[DictConfig], int]) -> Callable[[
     return main
 
 
-def _to_log_file(message: str) -> None:
-    """Log `message` where a log file listens (predict, train); apps without one printed it already."""
-    if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
-        log.info(message)
+def interrupted_by_signal() -> bool:
+    """Whether SIGINT/SIGTERM arrived during this command (Lightning reports it as SystemExit(1))."""
+    return _interrupted_by is not None
 
 
 def exit_with(code: int) -> int:
@@ -112,6 +207,22 @@ def register_resolvers() -> None:
 
 
 # ---------------------------------------------------------------------------- devices and precision
+# Lightning's precision strings (lightning.fabric.plugins.precision.precision._PRECISION_INPUT_STR,
+# Lightning 2.6; tests/core compares them), and stage2's short forms. Written out here so a typo
+# such as `precision=fp16` is a run-level error before anything is imported or written.
+LIGHTNING_PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+                        "bf16-mixed", "32-true", "64-true")
+_PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+def check_precision(value: Any) -> None:
+    """RunError naming the accepted values unless `precision` is auto, a short form or a Lightning string."""
+    text = str(value).strip().lower()
+    if text != "auto" and text not in _PRECISION_ALIASES and text not in LIGHTNING_PRECISIONS:
+        raise RunError(f"precision={value} is not a precision: use auto, 32, 16, bf16 or one of Lightning's "
+                       f"{', '.join(LIGHTNING_PRECISIONS)}")
+
+
 def resolve_precision(value: Any, on_gpu: bool, profile_amp: str) -> str:
     """Map the user's `precision` onto a Lightning precision string (SPEC 4)."""
     text = str(value).strip().lower()
@@ -123,7 +234,7 @@ def resolve_precision(value: Any, on_gpu: bool, profile_amp: str) -> str:
             if not torch.cuda.is_bf16_supported():
                 return "16-mixed"
         return profile_amp
-    return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(text, text)
+    return _PRECISION_ALIASES.get(text, text)
 
 
 def uses_amp(precision: str) -> bool:
@@ -168,6 +279,39 @@ def hydra_run_dir() -> Path:
 def temporary_name(final: Path) -> Path:
     """`.<name>.<pid>.tmp` beside `final`: never mistaken for an output, and owned by this process."""
     return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def temporary_owner(path: Path) -> int | None:
+    """The pid in a `.<name>.<pid>.tmp` name, 0 for an older stage2's `.<name>.tmp`, None for a user's file."""
+    m = _TMP_NAME.match(path.name)
+    if m is None:
+        return None
+    return int(m.group("pid")) if m.group("pid") else 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # exists, owned by someone else
+        return True
+    return True
+
+
+# Errors that mean the output folder itself can no longer be written: the run stops (exit 3)
+# instead of computing tiles it cannot write. Anything else while writing fails that tile alone.
+FOLDER_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only",
+                 errno.ENOENT: "gone", errno.EACCES: "not writable", errno.EPERM: "not writable",
+                 errno.EIO: "input/output error", errno.ESTALE: "gone (stale file handle)"}
+
+
+def folder_problem(e: BaseException) -> str | None:
+    """For an OSError that stops the run (FOLDER_ERRNOS), its short name; None otherwise."""
+    return FOLDER_ERRNOS.get(e.errno) if isinstance(e, OSError) else None
 
 
 def atomic_write(final: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -229,11 +373,15 @@ def exit_now(code: int | str | None) -> None:
 
 
 def run_then_exit(main: Callable[[], object]) -> None:
-    """`if __name__ == "__main__"` of a Hydra entry point: run it, then exit_now with its exit code."""
+    """`if __name__ == "__main__"` of a Hydra entry point: run it, then exit_now with its exit code.
+
+    Hydra ends a config it cannot compose (unknown key, bad override) with exit 1, which stage2
+    keeps for "some tiles failed": before the command has started, that is exit 2.
+    """
     try:
         main()
     except SystemExit as e:
-        exit_now(e.code)
+        exit_now(EXIT_RUN_ERROR if e.code == 1 and not _task_started else e.code)
     except KeyboardInterrupt:       # Ctrl-C outside the run itself (e.g. while Hydra composes)
         exit_now(EXIT_INTERRUPTED)
     exit_now(0)

@@ -41,6 +41,11 @@ def _bad_checkpoints(tmp_path, tiny_model, tiny_ckpt):
     torch.save(raw, d / "missing_keys.pt")
     torch.save({"stage2_checkpoint": 1, "model_config": {"backbone": "prithvi_eo_tiny"}, "payload": _RunsCode(marker),
                 "state_dict": {}}, d / "runs_code.pt")
+    for name, backbone in (("hub_backbone.pt", "timm_hf-hub:someone/model"),
+                           ("timm_backbone.pt", "vit_base_patch16_224")):
+        raw = torch.load(tiny_ckpt, weights_only=True)
+        raw["model_config"] = {**raw["model_config"], "backbone": backbone}
+        torch.save(raw, d / name)
     return {
         "missing.pt": "does not exist",
         "a_dir.pt": "is not a file",
@@ -52,6 +57,8 @@ def _bad_checkpoints(tmp_path, tiny_model, tiny_ckpt):
         "mismatch.pt": "do not match",
         "missing_keys.pt": "do not match",
         "runs_code.pt": "not a safe Stage 2 checkpoint",
+        "hub_backbone.pt": "not a safe Stage 2 checkpoint: backbone 'timm_hf-hub:someone/model' is not one of",
+        "timm_backbone.pt": "not a safe Stage 2 checkpoint: backbone 'vit_base_patch16_224'",
     }, d, marker
 
 
@@ -107,7 +114,13 @@ def test_missing_input_dir_and_unset_checkpoint(tmp_path, tiny_ckpt, capsys):
 def test_verbose_shows_the_traceback(tmp_path, tiny_ckpt):
     r = run_cli([f"checkpoint={tmp_path / 'missing.pt'}", f"input_dir={tmp_path}", f"output_dir={tmp_path / 'o'}",
                  "verbose=true"], cwd=tmp_path)
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert r.returncode == 2 and "Traceback" in r.stderr and "stage2: error: checkpoint" in r.stderr
+
+
+def test_only_prithvi_backbones_are_built():
+    with pytest.raises(ValueError, match="not one of terratorch's Prithvi backbones"):
+        stage2.build_model({"backbone": "timm_hf-hub:someone/model", "decoder_channels": 8, "refine_channels": 8,
+                            "n_months": 12, "n_biomes": 16})
 
 
 def test_lightning_ckpt_layout_loads(tmp_path, tiny_model):

@@ -79,3 +79,84 @@ def test_write_is_complete_and_leaves_no_temporaries(tmp_path):
     assert is_done(tmp_path, "tile_0001")
     np.testing.assert_array_equal(read_output(tmp_path / "tile_0001.npz"), out)
     assert json.loads((tmp_path / "tile_0001.json").read_text()) == meta
+
+
+# ----------------------------------------------------------------------------- odd sidecars (SPEC 2, 3)
+def test_sidecar_with_a_byte_order_mark_and_non_strict_numbers(tmp_path):
+    make_tile(tmp_path / "t.npz")
+    (tmp_path / "t.json").write_bytes(b"\xef\xbb\xbf" + b'{"month": "jul", "cloud": NaN, "gain": Infinity, '
+                                      b'"offsets": [1.5, -Infinity]}')
+    tile = read_tile(tmp_path / "t.npz")
+    assert tile.month == 7
+    assert (tile.meta["cloud"], tile.meta["gain"], tile.meta["offsets"]) == (None, None, [1.5, None])
+
+
+@pytest.mark.parametrize("month,words", [("13", "month '13' is out of range 1-12"), (13.0, "13.0"),
+                                         ("0", "month '0' is out")])
+def test_month_messages_quote_what_the_sidecar_says(tmp_path, month, words):
+    make_tile(tmp_path / "t.npz", meta={"month": month})
+    with pytest.raises(TileError) as err:
+        read_tile(tmp_path / "t.npz")
+    assert words in err.value.reason and (month == 13.0 or "13.0" not in err.value.reason)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_blank_month_and_biome_use_the_defaults(tmp_path, value):
+    make_tile(tmp_path / "t.npz", meta={"month": value, "biome_code": value})
+    tile = read_tile(tmp_path / "t.npz")
+    assert (tile.month, tile.biome, tile.defaults) == (6, 0, ["month", "biome_code"])
+
+
+def test_stage1_keys_are_kept_under_stage1_and_the_json_is_strict(tmp_path):
+    from stage2.tiles import output_metadata
+
+    meta = {"month": 6, "biome_code": 2, "stage": "stage1_translated", "timestamp": "2024-01-01T00:00:00Z",
+            "processing": {"model": "terramind", "loss": float("nan")}, "quality": {"psnr": 31.0},
+            "metadata_defaults": ["biome_code"], "stage1": {"note": "theirs"}, "tile_id": "x"}
+    out = output_metadata(meta, processing={"checkpoint": "c.pt", "t": float("inf")}, defaults=[],
+                          quality={"ndvi_rmse": 0.01}, timestamp="2025-01-01T00:00:00+00:00")
+    assert out["stage1"] == {"stage": "stage1_translated", "timestamp": "2024-01-01T00:00:00Z",
+                             "processing": {"model": "terramind", "loss": None}, "quality": {"psnr": 31.0},
+                             "metadata_defaults": ["biome_code"], "stage1": {"note": "theirs"}}
+    assert (out["stage"], out["processing"], out["quality"], out["metadata_defaults"]) == (
+        "stage2_refined", {"checkpoint": "c.pt", "t": None}, {"ndvi_rmse": 0.01}, [])
+    assert out["tile_id"] == "x" and out["month"] == 6
+    write_tile(tmp_path, "t", np.zeros((4, 16, 16), np.float32), out)
+    json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    plain = output_metadata({"month": 6, "stage1": "kept as is"}, processing={}, defaults=["month"], quality=None,
+                            timestamp="now")
+    assert plain["stage1"] == "kept as is" and "quality" not in plain
+
+
+def test_a_write_that_cannot_encode_its_json_leaves_no_orphan_npz(tmp_path):
+    with pytest.raises(ValueError):
+        write_tile(tmp_path, "t", np.zeros((4, 16, 16), np.float32), {"bad": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- discovery
+def test_recursive_discovery_follows_symlinked_folders_once_and_skips_the_output_dir(tmp_path):
+    from stage2.tiles import discover
+
+    inp, real = tmp_path / "in", tmp_path / "elsewhere"
+    for p in (inp / "a.npz", inp / "sub" / "b.npz", real / "c.npz", real / "deep" / "d.npz", inp / ".hidden" / "e.npz",
+              inp / "out" / "a.npz"):
+        make_tile(p, 16, 16)
+    (inp / "linked").symlink_to(real, target_is_directory=True)
+    (inp / "sub" / "loop").symlink_to(inp, target_is_directory=True)     # a link loop ends
+    files, _ = discover(inp, recursive=True, exclude=inp / "out")
+    assert [p.relative_to(inp).as_posix() for p in files] == [
+        "a.npz", "linked/c.npz", "linked/deep/d.npz", "sub/b.npz"]
+    assert [p.name for p in discover(inp, recursive=False)[0]] == ["a.npz"]
+
+
+def test_a_symlinked_tile_finds_its_sidecar_and_one_beside_the_link_wins(tmp_path):
+    real, inp = tmp_path / "stage1", tmp_path / "in"
+    make_tile(real / "x.npz", meta={"month": 3})
+    make_tile(real / "y.npz", meta={"month": 4})
+    inp.mkdir()
+    (inp / "x.npz").symlink_to(real / "x.npz")
+    (inp / "y.npz").symlink_to(real / "y.npz")
+    (inp / "y.json").write_text('{"month": 9}')
+    assert read_tile(inp / "x.npz").month == 3
+    assert read_tile(inp / "y.npz").month == 9

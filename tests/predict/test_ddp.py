@@ -53,11 +53,12 @@ def aoi(tmp_path_factory, tiny_ckpt):
 
 def _bad_tile_is_on_rank_1(inp: Path, patch_size: int) -> bool:
     from stage2.predict.data import SizeBucketBatchSampler, TileDataModule
+    from stage2.predict.memory import MemoryBudget
     from stage2.tiles import discover
 
     files, _ = discover(inp)
     keys = TileDataModule(files=files, input_dir=inp, batch_size=BATCH, num_workers=0, pin_memory=False,
-                          patch_size=patch_size).bucket_keys()
+                          patch_size=patch_size, budget=MemoryBudget(1.0, 2**40)).bucket_keys()
     rank1 = SizeBucketBatchSampler(keys, BATCH, rank=1, world_size=2).batches
     return any(files[i].name == "zz_bad.npz" for b in rank1 for i in b)
 

@@ -17,9 +17,10 @@ from torch import nn
 
 import stage2
 from helpers import make_tile, run_cli
+from stage2.checkpoint import fingerprint
 from stage2.model import CONF_DIR
 from stage2.predict.app import run
-from stage2.tiles import read_output
+from stage2.tiles import input_state, read_output
 
 
 class OOMDouble(nn.Module):
@@ -131,7 +132,9 @@ def test_stale_temporaries_are_removed_and_fast_rerun(tmp_path, tiny_ckpt):
 def test_nothing_to_do_path_imports_no_torch(tmp_path, tiny_ckpt):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_tile(inp / "a.npz", 32, 32)
-    stage2.write_tile(out, "a", np.zeros((4, 32, 32), np.float32), {"stage": "stage2_refined"})
+    processing = {"checkpoint_sha256": fingerprint(tiny_ckpt)["sha256"], **input_state(inp / "a.npz")}
+    stage2.write_tile(out, "a", np.zeros((4, 32, 32), np.float32),
+                      {"stage": "stage2_refined", "processing": processing})
     code = (f"import sys; sys.argv=['stage2.predict', 'checkpoint={tiny_ckpt}', 'input_dir={inp}', 'output_dir={out}'];\n"
             "import stage2.predict.app\ntry:\n    stage2.predict.app.main()\nexcept SystemExit as e:\n    pass\n"
             "assert 'torch' not in sys.modules and 'terratorch' not in sys.modules, 'heavy import'\nprint('LIGHT')")

@@ -323,3 +323,46 @@ def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path):
     (truth / "t1.npz").unlink()
     r = run_cli([f"truth_dir={truth}", f"input_dir={s1}", f"output_dir={out}"], module="stage2.evaluate")
     assert r.returncode == 2 and "t1.npz does not exist" in r.stderr
+
+
+# ----------------------------------------------------------------------------- resuming
+def test_resume_from_must_be_a_local_stage2_checkpoint(tmp_path, capsys):
+    from stage2.train.app import run
+
+    opt = tmp_path / "opt"
+    make_tile(opt / "t0.npz", 48, 48)
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    for value, words in ((tmp_path / "missing.ckpt", "does not exist"),
+                         ("https://example.com/last.ckpt", "is a URL"),
+                         ("s3://bucket/last.ckpt", "is a URL"),
+                         (tmp_path / "notes.ckpt", "not a safe Stage 2 checkpoint")):
+        assert run(train_cfg("hardware=cpu", f"optical_dir={opt}", f"resume_from={value}")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "resume_from" in err[0] and words in err[0] and "Traceback" not in err[0], err
+
+
+def test_after_a_resume_the_exported_pt_is_the_best_over_both_runs(tmp_path, monkeypatch):
+    """The resumed run validates worse (its validation tiles are degraded much more): the .pt stays the first run's best."""
+    from stage2.train.app import run
+
+    opt = tmp_path / "opt"
+    for i in range(3):
+        make_tile(opt / f"t{i}.npz", 48, 48, seed=i)
+    common = ["hardware=cpu", f"optical_dir={opt}", "data.crop=32", "data.batch_size=4", "data.samples_per_epoch=8",
+              "data.val_fraction=0.3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    for d in (first, second):
+        d.mkdir()
+    monkeypatch.chdir(first)            # outside a Hydra app the run dir is the working directory
+    assert run(train_cfg(*common, "trainer.max_epochs=1")) == 0
+    (best_first,) = [c for c in (first / "checkpoints").glob("*.ckpt") if c.name != "last.ckpt"]
+    monkeypatch.chdir(second)
+    assert run(train_cfg(*common, "trainer.max_epochs=2", f"resume_from={first / 'checkpoints' / 'last.ckpt'}",
+                         "degrade.noise_sd=[0.3,0.4]")) == 0
+    scores = {c.name: float(c.stem.split("val_loss")[1]) for c in (second / "checkpoints").glob("epoch*.ckpt")}
+    assert scores and min(scores.values()) > float(best_first.stem.split("val_loss")[1])
+    exported, first_best = stage2.load_model(second / "stage2_refiner.pt"), stage2.load_model(best_first)
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), first_best.state_dict().values(),
+                                                  strict=True))
+    summary = json.loads((second / "train_summary.json").read_text())
+    assert summary["lightning_checkpoint"] == str(best_first)

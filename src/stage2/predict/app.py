@@ -1,28 +1,48 @@
 """The predict app: `python -m stage2.predict checkpoint=... input_dir=... output_dir=...` (SPEC 4).
 
-A run is four named steps, in the order users need them:
-- plan: check paths, find tiles, decide what is already done (no torch, no terratorch);
+A run is named steps, in the order users need them:
+- plan: check settings and paths, find tiles (nothing is written; no torch, no terratorch);
+- lock the output folder (one run per folder, stage2.predict.lock), then trust: fingerprint the
+  checkpoint and decide which outputs a rerun may keep (stage2.predict.resume);
 - build: load and verify the checkpoint before any tile is read, then instantiate the data
   module, writer and module from the config;
 - execute: Lightning's `trainer.predict`, with the DDP state scoped to this run;
-- summarise: one screen and `_stage2_summary.json`, and the exit code.
-A finished AOI returns after `plan` ("nothing to do"), without heavy imports.
+- summarise: one screen and `_stage2_summary.json`, and the exit code. A run that stops
+  part-way (exit 3) or is interrupted (130) still writes its summary, and says so in one line.
+A finished AOI returns after `trust` ("nothing to do"), without heavy imports.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .. import CONF_DIR, __version__
-from ..runtime import RunError, exit_with, guarded, register_resolvers, require_dir
-from ..tiles import discover, is_done, remove_stale_temporaries, tile_name
+from ..runtime import (
+    EXIT_STOPPED,
+    RunError,
+    RunInterrupted,
+    RunStopped,
+    exit_with,
+    first_line,
+    folder_problem,
+    guarded,
+    interrupted_by_signal,
+    register_resolvers,
+    require_dir,
+)
+from ..tiles import discover, remove_stale_temporaries
+from .lock import RunLock
+from .preflight import check_output_dir, check_settings
+
+if TYPE_CHECKING:
+    from .summary import RunSummary
 
 log = logging.getLogger("stage2")
 register_resolvers()
@@ -39,9 +59,13 @@ class Plan:
     input_dir: Path
     output_dir: Path
     checkpoint: Path
-    todo: list[Path]
+    files: list[Path]
     ignored: list[Path]
-    done: int
+    todo: list[Path] = field(default_factory=list)
+    done: int = 0
+    stale: int = 0                   # redone because their input changed (summary: redone_stale)
+    untrusted: list[str] = field(default_factory=list)   # existing outputs that are redone
+    fingerprint: dict[str, Any] = field(default_factory=dict)   # the checkpoint's (checkpoint.fingerprint)
 
 
 @dataclass
@@ -68,21 +92,33 @@ def _required_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:
 
 
 def plan(cfg: DictConfig) -> Plan:
-    """Check run-level inputs and list the tiles still to do."""
+    """Check settings and paths and find the tiles; nothing is written (every problem: RunError, exit 2)."""
     input_dir, output_dir, ckpt = _required_paths(cfg)
+    check_settings(cfg)
     if not ckpt.is_file():
         what = "does not exist" if not ckpt.exists() else "is not a file"
         raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
     require_dir(input_dir, "input_dir", "point input_dir at the folder of Stage 1 tiles")
-    files, ignored = discover(input_dir, bool(cfg.recursive))
+    check_output_dir(input_dir, output_dir)
+    files, ignored = discover(input_dir, bool(cfg.recursive), exclude=output_dir)
     for p in ignored:
         log.warning("ignored %s: named .npz but not a file", p)
     if not files:
         raise RunError(f"No NPZ tiles found in {input_dir}")
-    if output_dir.resolve() == input_dir.resolve():
-        raise RunError(f"output_dir {output_dir} is the input_dir: write Stage 2 outputs to another folder")
-    todo = [f for f in files if not (cfg.skip_existing and is_done(output_dir, tile_name(f, input_dir)))]
-    return Plan(input_dir, output_dir, ckpt, todo, ignored, len(files) - len(todo))
+    return Plan(input_dir, output_dir, ckpt, files, ignored)
+
+
+def trust(cfg: DictConfig, p: Plan) -> None:
+    """Under the lock: fingerprint the checkpoint and decide which outputs are done (stage2.predict.resume)."""
+    from ..checkpoint import fingerprint
+    from .resume import decide, foreign_error
+    from .summary import previous_fingerprint
+
+    p.fingerprint = fingerprint(p.checkpoint, previous_fingerprint(p.output_dir))
+    r = decide(p.files, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing))
+    if r.foreign and cfg.skip_existing:
+        raise foreign_error(r, p.output_dir, p.checkpoint, p.fingerprint["sha256"])
+    p.todo, p.done, p.stale, p.untrusted = r.todo, r.done, r.stale, r.untrusted
 
 
 def nothing_to_do(p: Plan, outcome: dict[str, Any]) -> int:
@@ -112,13 +148,18 @@ def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
     from hydra.utils import instantiate
 
     from ..runtime import resolve_accelerator, resolve_precision, uses_amp
+    from .memory import MemoryBudget
     from .progress import TileProgressBar
 
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
-    data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size)
+    budget = MemoryBudget.from_config(**cfg.tile_memory, model_config=model.config)
+    log.info("tile memory: %.0f bytes per padded pixel, limit %.2f GB", budget.bytes_per_pixel,
+             budget.limit_bytes / 2**30)
+    data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size, budget=budget)
     processing = {
         "checkpoint": str(p.checkpoint.resolve()),
+        "checkpoint_sha256": p.fingerprint["sha256"],
         "use_amp": uses_amp(precision),
         "precision": precision,
         "batch_size": int(cfg.batch_size),
@@ -156,25 +197,32 @@ def execute(parts: Parts, t0: float) -> tuple[list[Any], list[dict[str, str]], f
 
 
 # ---------------------------------------------------------------------------- summarise
-def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
-              t0: float, outcome: dict[str, Any]) -> int:
-    """Print and save the run summary (rank 0); return the exit code."""
+def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
+                 t0: float, **status: Any) -> RunSummary:
+    """The RunSummary of this run (`status`: stopped=<reason> or interrupted=True for a run cut short)."""
     from .summary import RunSummary, quality_summary
     from .writer import first_failures
 
     records, failures, tiles_per_s = result
     trainer, module = parts.trainer, parts.module
     device = str(module.device) if trainer.world_size == 1 else f"{module.device.type} x {trainer.world_size}"
-    summary = RunSummary(
-        found=len(p.todo) + p.done, processed=len(records), skipped=p.done, failed=len(failures),
-        ignored=len(p.ignored), metadata_defaults=sum(r.defaults for r in records),
+    return RunSummary(
+        found=len(p.files), processed=len(records), skipped=p.done, failed=len(failures),
+        ignored=len(p.ignored), redone_stale=p.stale, metadata_defaults=sum(r.defaults for r in records),
         clipped=sum(r.clipped for r in records), cpu_fallbacks=sum(r.cpu_fallback for r in records),
         tiles_per_s=round(tiles_per_s, 3), wall_s=round(time.perf_counter() - t0, 3), device=device,
         precision=parts.processing["precision"], batch_size=int(cfg.batch_size),
-        model=parts.processing["model"], checkpoint=parts.processing["checkpoint"], input_dir=str(p.input_dir),
+        model=parts.processing["model"], checkpoint=parts.processing["checkpoint"],
+        checkpoint_sha256=p.fingerprint["sha256"], checkpoint_fingerprint=p.fingerprint, input_dir=str(p.input_dir),
         output_dir=str(p.output_dir), first_failures=first_failures(failures),
-        quality=quality_summary(records) if cfg.quality else None, stage2_version=__version__,
+        quality=quality_summary(records) if cfg.quality else None, stage2_version=__version__, **status,
     )
+
+
+def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
+              t0: float, outcome: dict[str, Any]) -> int:
+    """Print and save the run summary (rank 0); return the exit code."""
+    summary = make_summary(cfg, p, parts, result, t0)
     summary.save(p.output_dir)
     outcome["summary"] = summary.to_json()
     text = summary.format()
@@ -183,9 +231,48 @@ def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], l
     return summary.exit_code()
 
 
+def cut_short(cfg: DictConfig, p: Plan, parts: Parts, t0: float, outcome: dict[str, Any],
+              error: BaseException) -> NoReturn:
+    """The run stopped part-way (exit 3) or was interrupted (130): save what was done, then raise for one line.
+
+    Rank 0 writes the summary from its own counts (gathering from other ranks could wait forever
+    on a rank that is gone). The console gets one line; the traceback goes to the log (guarded).
+    """
+    interrupted = isinstance(error, KeyboardInterrupt) or interrupted_by_signal()
+    if isinstance(error, SystemExit) and not interrupted:
+        raise error
+    reason = None if interrupted else stop_reason(error, p.output_dir)
+    if not parts.trainer.is_global_zero:
+        raise (RunInterrupted() if interrupted else RunStopped(reason)) from error
+    writer = parts.writer
+    local = (list(writer.records), list(writer.failures), writer.steady_tiles_per_s())
+    summary = make_summary(cfg, p, parts, local, t0, stopped=reason, interrupted=interrupted)
+    outcome["summary"] = summary.to_json()
+    log.info("\n%s", summary.format())
+    try:
+        saved = f"summary in {summary.save(p.output_dir)}"
+    except OSError as e:
+        saved = f"summary not written ({e.strerror}); the log has it"
+    line = f"{summary.progress_line()} ({saved})"
+    if interrupted:
+        raise RunInterrupted(line) from error
+    raise RunStopped(f"{reason}: {line}") from error
+
+
+def stop_reason(error: BaseException, output_dir: Path) -> str:
+    """What stopped the run, in words: the output folder's problem, or the unexpected error."""
+    problem = folder_problem(error)
+    if problem is not None and not output_dir.is_dir():
+        return f"the output folder {output_dir} is gone"
+    if problem is not None:
+        return f"{problem} ({error.strerror}) writing to {output_dir}"
+    return f"unexpected {type(error).__name__}: {first_line(error)}"
+
+
 # ---------------------------------------------------------------------------- the run
 def run(cfg: DictConfig, outcome: dict[str, Any] | None = None) -> int:
-    """One Stage 2 run; returns the exit code (0 ok, 1 some tiles failed, 2 run-level error, 130 Ctrl-C).
+    """One Stage 2 run; returns the exit code (SPEC 5: 0 ok, 1 some tiles failed, 2 run-level error,
+    3 stopped part-way, 130 interrupted).
 
     `outcome`, when given, is filled with what a sweep report needs (the summary's counts, the
     error, or how many tiles were already done), so it never has to trust an older summary file.
@@ -198,14 +285,27 @@ def _steps(cfg: DictConfig, outcome: dict[str, Any]) -> int:
     t0 = time.perf_counter()
     p = plan(cfg)
     outcome["output_dir"] = str(p.output_dir)
-    if not p.todo:
-        return nothing_to_do(p, outcome)
+    with RunLock(p.output_dir):
+        trust(cfg, p)
+        if not p.todo:
+            return nothing_to_do(p, outcome)
+        return _predict(cfg, p, t0, outcome)
+
+
+def _predict(cfg: DictConfig, p: Plan, t0: float, outcome: dict[str, Any]) -> int:
+    from .resume import discard
+
     logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
     log.info("%d tiles to do, %d already done; %.1f s", len(p.todo), p.done, time.perf_counter() - t0)
     model = load_checked_model(p.checkpoint)
     log.info("checkpoint loaded (%s) at %.1f s", model.config["name"], time.perf_counter() - t0)
     parts = build(cfg, p, model)
-    result = execute(parts, t0)
+    if parts.trainer.is_global_zero:
+        discard(p.output_dir, p.untrusted)      # the first change to outputs: every run-level check has passed
+    try:
+        result = execute(parts, t0)
+    except BaseException as e:
+        cut_short(cfg, p, parts, t0, outcome, e)
     outcome["rank"] = parts.trainer.global_rank
     if not parts.trainer.is_global_zero:
         # Rank 0 reports the run and sets its exit code. A non-zero exit here would make
@@ -225,7 +325,7 @@ def sweep_job(cfg: DictConfig) -> dict[str, Any]:
         outcome["code"] = run(cfg, outcome)
     except Exception as e:  # a bug or an unexpected error in this AOI: log it, go on with the others
         log.exception("this AOI stopped with an unexpected error")
-        outcome.update(code=1, error=f"unexpected {type(e).__name__}: {e} (traceback in the job log)")
+        outcome.update(code=EXIT_STOPPED, error=f"unexpected {type(e).__name__}: {e} (traceback in the job log)")
     return outcome
 
 

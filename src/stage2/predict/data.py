@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..model import pad_to_multiple, padded_size
-from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, load_tile, peek_shape
+from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, load_tile, peek_shape, tile_name
+from .memory import TILE_HINT, MemoryBudget
 
 
 @dataclass
@@ -49,17 +50,26 @@ class Batch:
 
 
 class TileDataset(Dataset):
-    """Reads and validates one tile per index; a bad tile becomes a TileFailure, never an exception."""
+    """Reads and validates one tile per index; a bad tile becomes a TileFailure, never an exception.
 
-    def __init__(self, files: Sequence[Path], input_dir: Path) -> None:
+    A tile too large for the memory budget fails from its header alone, before it is read.
+    """
+
+    def __init__(self, files: Sequence[Path], input_dir: Path, budget: MemoryBudget, multiple: int) -> None:
         self.files = list(files)
         self.input_dir = Path(input_dir)
+        self.budget = budget
+        self.multiple = multiple
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> Tile | TileFailure:
-        return load_tile(self.files[index], self.input_dir)
+        path = self.files[index]
+        reason = self.budget.too_large(peek_shape(path), self.multiple)
+        if reason is not None:
+            return TileFailure(tile_name(path, self.input_dir), path, reason, TILE_HINT)
+        return load_tile(path, self.input_dir)
 
 
 def bucket_key(shape: tuple[int, ...] | None, multiple: int) -> Hashable:
@@ -123,8 +133,9 @@ class TileDataModule(L.LightningDataModule):
     """Owns the tile list, the size-bucketing sampler and the DataLoader for `trainer.predict`."""
 
     def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
-                 pin_memory: bool, patch_size: int) -> None:
+                 pin_memory: bool, patch_size: int, budget: MemoryBudget) -> None:
         super().__init__()
+        self.budget = budget
         self.files = list(files)
         self.input_dir = Path(input_dir)
         self.batch_size = int(batch_size)
@@ -148,7 +159,7 @@ class TileDataModule(L.LightningDataModule):
         sampler = SizeBucketBatchSampler(self.bucket_keys(), self.batch_size, rank, world)
         workers = min(self.num_workers, max(len(sampler), 0))
         return DataLoader(
-            TileDataset(self.files, self.input_dir),
+            TileDataset(self.files, self.input_dir, self.budget, self.patch_size),
             batch_sampler=sampler,
             collate_fn=_Collate(self.patch_size),
             num_workers=workers,

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runtime import atomic_write_text
+from ..runtime import EXIT_INTERRUPTED, EXIT_STOPPED, atomic_write_text
 from ..tiles import FAILURES_FILE, SUMMARY_FILE
 
 FIRST_FAILURES = 5
@@ -35,6 +35,7 @@ class RunSummary:
     skipped: int = 0
     failed: int = 0
     ignored: int = 0
+    redone_stale: int = 0          # tiles redone because their input changed since their output
     metadata_defaults: int = 0
     clipped: int = 0
     cpu_fallbacks: int = 0
@@ -45,11 +46,20 @@ class RunSummary:
     batch_size: int = 0
     model: str = ""
     checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    checkpoint_fingerprint: dict[str, Any] = field(default_factory=dict)  # the next run reuses its sha256
     input_dir: str = ""
     output_dir: str = ""
     first_failures: list[dict[str, str]] = field(default_factory=list)
     quality: dict[str, Any] | None = None
     stage2_version: str = ""
+    stopped: str | None = None     # why the run stopped part-way (exit 3)
+    interrupted: bool = False      # Ctrl-C or SIGTERM (exit 130)
+
+    @property
+    def left(self) -> int:
+        """Tiles neither written, failed nor skipped (a stopped or interrupted run)."""
+        return max(0, self.found - self.processed - self.skipped - self.failed)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,14 +70,24 @@ class RunSummary:
         return atomic_write_text(Path(output_dir) / SUMMARY_FILE, text)
 
     def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        if self.stopped:
+            return EXIT_STOPPED
         return 1 if self.failed else 0
+
+    def progress_line(self) -> str:
+        """What a stopped or interrupted run did, for its one console line."""
+        return (f"{self.processed} tiles written, {self.failed} failed, {self.skipped} already done, "
+                f"{self.left} left; rerun the same command to finish")
 
     def format(self) -> str:
         """The one-screen summary printed at the end of a run."""
         lines = [
             "stage2 summary",
             f"  tiles        found {self.found}  processed {self.processed}  skipped {self.skipped}  "
-            f"failed {self.failed}" + (f"  ignored {self.ignored}" if self.ignored else ""),
+            f"failed {self.failed}" + (f"  ignored {self.ignored}" if self.ignored else "")
+            + (f"  redone (input changed) {self.redone_stale}" if self.redone_stale else ""),
             f"  metadata     defaults used for {self.metadata_defaults} tiles   clipped {self.clipped} tiles",
             f"  device       {self.device}   precision {self.precision}   batch {self.batch_size}   "
             f"CPU fallbacks {self.cpu_fallbacks}",
@@ -85,6 +105,15 @@ class RunSummary:
                 lines.append(f"    {f['file']}: {f['reason']}")
         lines.append(f"  output       {self.output_dir}")
         return "\n".join(lines)
+
+
+def previous_fingerprint(output_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint fingerprint the last summary in output_dir recorded (a cache; None if unreadable)."""
+    try:
+        value = json.loads((Path(output_dir) / SUMMARY_FILE).read_text(encoding="utf-8")).get("checkpoint_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _f(x: float | None) -> str:

@@ -5,6 +5,10 @@ pass does not wait for the disk; on a few-core CPU (`writer_threads=0`, the `cpu
 written between batches, because a writer thread there only takes a core from torch's threads.
 Either way each tile is written atomically (NPZ, then JSON) and exactly once. Failures from the
 DataModule arrive on the same road and are logged as JSON lines.
+
+A write that fails because of the output folder itself (disk full, read-only, gone: see
+stage2.runtime.FOLDER_ERRNOS) is raised at once, so the run stops (exit 3) instead of computing
+tiles it cannot write; any other write error fails that tile alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..tiles import FAILURES_FILE, remove_stale_temporaries, write_tile
+from ..runtime import folder_problem, uses_amp
+from ..tiles import FAILURES_FILE, output_metadata, remove_stale_temporaries, write_tile
 from .module import Prediction
 from .summary import FIRST_FAILURES, TileRecord
 
@@ -50,11 +55,12 @@ class TileWriter(BasePredictionWriter):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The precision Lightning actually runs (16-mixed becomes bf16-mixed on a CPU), not the one asked for.
+        self.processing.update(precision=str(trainer.precision), use_amp=uses_amp(str(trainer.precision)))
         # Here, not in on_predict_start: every rank calls setup, but a rank that got no batch
         # (fewer batches than devices) skips the predict loop and its hooks, so a barrier there
         # would wait forever. Rank 0 cleans up before any rank can write.
         if trainer.is_global_zero:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.output_dir)
             (self.output_dir / FAILURES_FILE).unlink(missing_ok=True)  # this run lists its own failures
         trainer.strategy.barrier("stage2-writer-setup")
@@ -71,6 +77,7 @@ class TileWriter(BasePredictionWriter):
         self.model_s += prediction.model_s
         for failure in prediction.batch.failures:
             self._record_failure(failure.path, failure.reason, failure.hint)
+        self._raise_write_errors()
         if not prediction.outputs:
             return
         if self.threads == 0:
@@ -84,6 +91,12 @@ class TileWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close()
+
+    def _raise_write_errors(self) -> None:
+        """A writer thread's error (the folder is full or gone) stops the run at the next batch, not at the end."""
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
 
     def close(self) -> None:
         """Wait for pending writes; re-raise an unexpected writer error."""
@@ -99,7 +112,6 @@ class TileWriter(BasePredictionWriter):
         entry = {"file": str(path), "reason": reason, "hint": hint}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.output_dir / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 os.write(fd, line)      # one write per line with O_APPEND: ranks never interleave
@@ -118,26 +130,24 @@ class TileWriter(BasePredictionWriter):
                 if self.quality:
                     from ..quality import tile_quality
                     q = tile_quality(tile.array, out)
-                meta = {
-                    **tile.meta,
-                    "stage": "stage2_refined",
-                    "timestamp": stamp,
-                    "metadata_defaults": list(tile.defaults),
-                    "processing": {
-                        **self.processing,
-                        "input_file": str(tile.path),
-                        "device": "cpu" if fallback else pred.device,
-                        "processing_time_ms": round(per_tile_ms, 3),
-                        "cpu_fallback": bool(fallback),
-                        "clipped_values": tile.clipped,
-                    },
+                processing = {
+                    **self.processing,
+                    "input_file": str(tile.path),
+                    **tile.source,
+                    "device": "cpu" if fallback else pred.device,
+                    "processing_time_ms": round(per_tile_ms, 3),
+                    "cpu_fallback": bool(fallback),
+                    "clipped_values": tile.clipped,
                 }
-                if q is not None:
-                    meta["quality"] = q
-                write_tile(self.output_dir, tile.name, out, meta)
-            except Exception as e:  # disk full, permission, ...: this tile fails, the run goes on
+                meta = output_metadata(tile.meta, processing=processing, defaults=tile.defaults, quality=q,
+                                       timestamp=stamp)
+                write_tile(self.output_dir, tile.name, out, meta, create=False)
+            except Exception as e:
+                if folder_problem(e):
+                    raise           # the folder, not this tile: the run stops (exit 3)
                 self._record_failure(tile.path, f"could not write the output: {type(e).__name__}: {e}",
-                                     f"check free space and permissions of {self.output_dir}")
+                                     "rename the tile or its sub-folder if the name is the problem, "
+                                     "else report it to the stage2 maintainers")
                 continue
             rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(fallback),
                              q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None)

@@ -30,6 +30,7 @@ from .. import CONF_DIR
 from ..runtime import (
     RunError,
     atomic_write_text,
+    check_precision,
     exit_with,
     guarded,
     hydra_run_dir,
@@ -102,7 +103,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_val: bool) -> list[L.Cal
 
 
 def fit(cfg: DictConfig, module: L.LightningModule, dm: Any, callbacks: list[L.Callback], run_dir: Path,
-        accelerator: str, precision: str) -> L.Trainer:
+        accelerator: str, precision: str, resume: Path | None) -> L.Trainer:
     """Lightning's trainer.fit with the `trainer` group's settings; returns the trainer."""
     import warnings
 
@@ -116,18 +117,60 @@ def fit(cfg: DictConfig, module: L.LightningModule, dm: Any, callbacks: list[L.C
     for pattern in EXPECTED_WARNINGS:     # set after terratorch's import, which resets the filters
         warnings.filterwarnings("ignore", message=pattern)
     with distributed_scope():      # DDP children, env and process group live as long as this run
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("resume_from"))
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     return trainer
 
 
+def check_resume(cfg: DictConfig) -> Path | None:
+    """The local Stage 2 .ckpt to resume from, checked (weights-only) before anything is built; RunError otherwise.
+
+    A URL is refused: Lightning would download it and unpickle it.
+    """
+    from ..checkpoint import CheckpointError, read_checked
+
+    value = cfg.get("resume_from")
+    if value in (None, ""):
+        return None
+    if "://" in str(value):
+        raise RunError(f"resume_from={value} is a URL: stage2 resumes only from a local .ckpt file (a remote "
+                       "checkpoint would be downloaded and unpickled); copy it here and pass its path")
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a file"
+        raise RunError(f"resume_from {path} {what}: pass the .ckpt of an earlier run "
+                       "(<its run dir>/checkpoints/last.ckpt)")
+    try:
+        read_checked(path)
+    except CheckpointError as e:
+        raise RunError(f"resume_from: {e}") from None
+    return path
+
+
+def best_overall(ckpt_cb: Any, module: L.LightningModule) -> str:
+    """This run's best checkpoint, or the best of the runs it resumed when that is better and still on disk."""
+    from .module import better
+
+    best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+    mine = {"path": best, "score": float(ckpt_cb.best_model_score)} if ckpt_cb.best_model_score is not None else None
+    earlier = module.resumed_best
+    if earlier is not None and not Path(earlier["path"]).is_file():
+        log.warning("the best checkpoint before the resume (%s, val_loss %.5f) is gone: exporting this run's best",
+                    earlier["path"], earlier["score"])
+        earlier = None
+    chosen = better(earlier, mine) if mine is not None else None
+    if chosen is not None and chosen is earlier:
+        log.info("the best checkpoint is from before the resume: %s (val_loss %.5f)", earlier["path"], earlier["score"])
+    return chosen["path"] if chosen is not None else best
+
+
 def export(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, run_dir: Path) -> tuple[str, Path]:
-    """The Stage 2 .pt from the best Lightning checkpoint (read exactly as predict would)."""
+    """The Stage 2 .pt from the best Lightning checkpoint over every resumed run (read exactly as predict would)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ..checkpoint import load_model, save_checkpoint
 
     ckpt_cb = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
-    best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+    best = best_overall(ckpt_cb, module)
     out = Path(cfg.output_checkpoint) if cfg.get("output_checkpoint") else run_dir / BEST_PT
     save_checkpoint(load_model(best) if best else module.model, out)
     return best, out
@@ -180,6 +223,8 @@ def _steps(cfg: DictConfig) -> int:
     t0 = time.perf_counter()
     run_dir = hydra_run_dir()
     logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
+    check_precision(cfg.precision)
+    resume = check_resume(cfg)
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -191,7 +236,7 @@ def _steps(cfg: DictConfig) -> int:
                                 optim=OmegaConf.to_container(cfg.optim, resolve=True),
                                 pretrained_path=cfg.model.get("pretrained_path"))
     callbacks = build_callbacks(cfg, run_dir, bool(dm.val_sources))
-    trainer = fit(cfg, module, dm, callbacks, run_dir, accelerator, precision)
+    trainer = fit(cfg, module, dm, callbacks, run_dir, accelerator, precision, resume)
     if not trainer.is_global_zero:
         return 0
     best, out = export(cfg, trainer, module, run_dir)

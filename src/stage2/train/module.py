@@ -19,6 +19,12 @@ from ..quality import compare
 
 log = logging.getLogger("stage2")
 
+# The best checkpoint of every run a chain of resumes went through, saved in each checkpoint as
+# {"path": str, "score": float} (plain types: weights-only loading reads it). Lightning's
+# ModelCheckpoint forgets the best score of a resumed run when the run dir changes (a new Hydra
+# run dir every time), so without it the exported .pt would be the best since the last resume.
+BEST_KEY = "stage2_best"
+
 
 def ndvi_torch(x: torch.Tensor, floor: float) -> torch.Tensor:
     """NDVI of (B, 4, H, W) with the denominator floored at `floor`.
@@ -51,6 +57,15 @@ class RefinerTrainModule(L.LightningModule):
 
     def forward(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
         return self.model(opt_v1, month, biome)
+
+    # ------------------------------------------------------------------ best over resumes
+    resumed_best: dict[str, Any] | None = None      # the best of the runs this one resumed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resumed_best = recorded_best(checkpoint)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[BEST_KEY] = better(self.resumed_best, run_best(checkpoint))
 
     def compute_loss(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, l1, ndvi L1) of a batch; computed in fp32 whatever the autocast precision."""
@@ -102,6 +117,30 @@ class RefinerTrainModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run_best(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """{"path", "score"} of the best val_loss checkpoint of the run that wrote `checkpoint` (its ModelCheckpoint)."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not (str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping)):
+            continue
+        path, score = state.get("best_model_path"), state.get("best_model_score")
+        if state.get("monitor") == "val_loss" and path and score is not None:
+            return {"path": str(path), "score": float(score)}
+    return None
+
+
+def recorded_best(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The best over every run of a resume chain, as `checkpoint` records it (older files: their own run's)."""
+    value = checkpoint.get(BEST_KEY)
+    return dict(value) if isinstance(value, Mapping) else run_best(checkpoint)
+
+
+def better(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The one with the lower score (val_loss), either if the other is None."""
+    if a is None or b is None:
+        return a or b
+    return a if a["score"] <= b["score"] else b
 
 
 class FreezeEncoder(L.Callback):

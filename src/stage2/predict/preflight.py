@@ -1,0 +1,61 @@
+"""Run-level checks of settings and paths, made before anything is read or written (SPEC 5, exit 2).
+
+Standard library only: a run that is refused, and the "nothing to do" path, import no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..runtime import RunError, check_precision
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """batch_size >= 1, num_workers >= 0 and a known precision, each a one-line RunError."""
+    _at_least(cfg, "batch_size", 1, "the number of tiles per forward pass")
+    _at_least(cfg, "num_workers", 0, "DataLoader worker processes; 0 reads tiles in the main process")
+    check_precision(cfg.precision)
+
+
+def _at_least(cfg: DictConfig, key: str, low: int, what: str) -> None:
+    value = cfg.get(key)
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < low:
+        raise RunError(f"{key}={value} is not valid: use an integer >= {low} ({what})")
+
+
+def check_output_dir(input_dir: Path, output_dir: Path) -> None:
+    """output_dir is a writable folder (or can be made), and not the input folder by any path.
+
+    "By any path" means by device and inode (os.path.samefile): a symlink, a bind mount or a
+    case-insensitive file system all reach the same folder under another name, and writing
+    there would overwrite the Stage 1 inputs (with skip_existing=false) or mix them with outputs.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunError(f"output_dir {output_dir} is not a directory: point output_dir at a folder "
+                       "(it is created if missing)")
+    if output_dir.is_dir() and os.path.samefile(output_dir, input_dir):
+        raise RunError(f"output_dir {output_dir} is the input_dir {input_dir} (the same folder by another path): "
+                       "write Stage 2 outputs to another folder")
+    existing = _nearest_existing(output_dir)
+    if not existing.is_dir():
+        raise RunError(f"output_dir {output_dir} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is read-only" if existing == output_dir.absolute() else f"cannot be created in read-only {existing}"
+        raise RunError(f"output_dir {output_dir} {what}: choose a folder you can write to, "
+                       "or fix its permissions (or the mount)")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
