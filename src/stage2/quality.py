@@ -13,6 +13,7 @@ Pure numpy/scipy so the writer threads and the report can use it without torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -44,10 +45,20 @@ def ndvi(opt: np.ndarray) -> np.ndarray:
     return (nir - red) / (nir + red + EPS)
 
 
-def ndvi_rmse(v1: np.ndarray, v2: np.ndarray) -> float:
-    """Root-mean-square difference of the two tiles' NDVI (the mean is accumulated in float64)."""
-    d = ndvi(v1) - ndvi(v2)
-    return float(np.sqrt(np.mean(d * d, dtype=np.float64)))
+def ndvi_rmse(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Root-mean-square difference of the two tiles' NDVI over the `valid` pixels (all by default).
+
+    Accumulated in float64 over row blocks, so a large tile needs no tile-sized temporaries.
+    """
+    v1, v2 = np.asarray(v1), np.asarray(v2)
+    total, n = 0.0, 0
+    for r0, r1 in _row_ranges(v1.shape):
+        d = ndvi(v1[:, r0:r1]) - ndvi(v2[:, r0:r1])
+        if valid is not None:
+            d = d[valid[r0:r1]]
+        total += float(np.sum(d * d, dtype=np.float64))
+        n += d.size
+    return math.sqrt(total / n)
 
 
 def sobel_magnitude(band: np.ndarray) -> np.ndarray:
@@ -56,27 +67,65 @@ def sobel_magnitude(band: np.ndarray) -> np.ndarray:
     return np.hypot(ndimage.sobel(band, axis=0), ndimage.sobel(band, axis=1))
 
 
-def edge_preservation(v1: np.ndarray, v2: np.ndarray) -> float | None:
-    """Pearson r of the NIR Sobel magnitudes of the two tiles.
+def edge_preservation(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> float | None:
+    """Pearson r of the NIR Sobel magnitudes of the two tiles, over the `valid` pixels (all by default).
 
     None where either magnitude is flat (std < FLAT_STD): r is 0/0 there, and NaN must never reach
-    a JSON file.
+    a JSON file. A large tile is taken in row blocks (means first, then centred sums), each block's
+    Sobel computed with one row of its neighbours, so the values are those of the whole tile.
     """
-    a = sobel_magnitude(np.asarray(v1)[NIR]).ravel().astype(np.float64)
-    b = sobel_magnitude(np.asarray(v2)[NIR]).ravel().astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
-    # einsum, not a @ b: BLAS may start its own threads for a dot this long, which only
-    # competes with the model for cores (this runs in the writer threads during inference).
-    saa, sbb, sab = (float(np.einsum("i,i->", x, y)) for x, y in ((a, a), (b, b), (a, b)))
-    if min(saa, sbb) < a.size * FLAT_STD**2:
+    ranges = _row_ranges(np.shape(v1))
+    first = [_sobel_pair(v1, v2, valid, *ranges[0])] if len(ranges) == 1 else None
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return iter(first) if first is not None else (_sobel_pair(v1, v2, valid, r0, r1) for r0, r1 in ranges)
+
+    n, sa, sb = 0, 0.0, 0.0
+    for a, b in pairs():
+        n, sa, sb = n + a.size, sa + float(a.sum()), sb + float(b.sum())
+    ma, mb = sa / n, sb / n
+    saa = sbb = sab = 0.0
+    for a, b in pairs():
+        a, b = a - ma, b - mb
+        # einsum, not a @ b: BLAS may start its own threads for a dot this long, which only
+        # competes with the model for cores (this runs in the writer threads during inference).
+        saa += float(np.einsum("i,i->", a, a))
+        sbb += float(np.einsum("i,i->", b, b))
+        sab += float(np.einsum("i,i->", a, b))
+    if min(saa, sbb) < n * FLAT_STD**2:
         return None
     return float(np.clip(sab / math.sqrt(saa * sbb), -1.0, 1.0))
 
 
-def tile_quality(v1: np.ndarray, v2: np.ndarray) -> dict[str, float | None]:
-    """The per-tile `quality` object of the output JSON (plain floats or None: JSON-safe)."""
-    return {"ndvi_rmse": ndvi_rmse(v1, v2), "edge_preservation": edge_preservation(v1, v2)}
+# Rows per block of the metrics: about this many pixels, so a 8192 x 8192 tile is taken in 16 blocks
+# of float64 temporaries of 32 MiB each, and a tile of up to 2048 x 2048 px in one.
+BLOCK_PIXELS = 1 << 22
+
+
+def _row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    h, w = shape[-2:]
+    step = max(1, BLOCK_PIXELS // max(w, 1))
+    return [(r, min(r + step, h)) for r in range(0, h, step)]
+
+
+def _sobel_pair(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None, r0: int, r1: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """NIR Sobel magnitudes of rows r0:r1 of both tiles as flat float64 arrays of the valid pixels."""
+    h = np.shape(v1)[-2]
+    s0, s1 = max(r0 - 1, 0), min(r1 + 1, h)      # one row of context: the Sobel kernel is 3x3
+    out = []
+    for v in (v1, v2):
+        mag = sobel_magnitude(np.asarray(v)[NIR, s0:s1])[r0 - s0:r1 - s0]
+        out.append((mag if valid is None else mag[valid[r0:r1]]).ravel().astype(np.float64))
+    return out[0], out[1]
+
+
+def tile_quality(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float | None]:
+    """The per-tile `quality` object of the output JSON (plain floats or None: JSON-safe).
+
+    `valid` (H, W) bool limits both metrics to those pixels (nan_policy=mask: the others are no data).
+    """
+    return {"ndvi_rmse": ndvi_rmse(v1, v2, valid), "edge_preservation": edge_preservation(v1, v2, valid)}
 
 
 def below_target(q: dict[str, float | None]) -> bool:

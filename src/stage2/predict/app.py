@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import CONF_DIR, __version__
 from ..runtime import RunError, exit_with, guarded, register_resolvers, require_dir
-from ..tiles import discover, is_done, remove_stale_temporaries, tile_name
+from ..tiles import NAN_POLICIES, discover, is_done, remove_stale_temporaries, tile_name
 
 log = logging.getLogger("stage2")
 register_resolvers()
@@ -67,9 +67,23 @@ def _required_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:
             Path(cfg.checkpoint).expanduser())
 
 
+def _check_tile_settings(cfg: DictConfig) -> None:
+    """`nan_policy` and `window.*` (SPEC 9), before anything is read."""
+    from .windows import WindowSettings
+
+    if cfg.nan_policy not in NAN_POLICIES:
+        raise RunError(f"nan_policy={cfg.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}: pass "
+                       "nan_policy=fail (NaN fails the tile) or nan_policy=mask (NaN pixels are no data)")
+    try:
+        WindowSettings(**cfg.window)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{e} (the defaults are in conf/predict.yaml, under window:)") from None
+
+
 def plan(cfg: DictConfig) -> Plan:
     """Check run-level inputs and list the tiles still to do."""
     input_dir, output_dir, ckpt = _required_paths(cfg)
+    _check_tile_settings(cfg)
     if not ckpt.is_file():
         what = "does not exist" if not ckpt.exists() else "is not a file"
         raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")

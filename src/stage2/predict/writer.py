@@ -5,6 +5,10 @@ pass does not wait for the disk; on a few-core CPU (`writer_threads=0`, the `cpu
 written between batches, because a writer thread there only takes a core from torch's threads.
 Either way each tile is written atomically (NPZ, then JSON) and exactly once. Failures from the
 DataModule arrive on the same road and are logged as JSON lines.
+
+Windows of a large tile are blended into its accumulator in the main thread as they arrive (in
+order, so the sum is the same in every run); the tile is written once, when its last window is in.
+A run killed before that leaves nothing of the tile on disk.
 """
 
 from __future__ import annotations
@@ -15,19 +19,33 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..tiles import FAILURES_FILE, remove_stale_temporaries, write_tile
+from ..tiles import FAILURES_FILE, Tile, remove_stale_temporaries, write_tile
 from .module import Prediction
 from .summary import FIRST_FAILURES, TileRecord
+from .windows import Assembler, whole_tile
 
 log = logging.getLogger("stage2")
+
+
+@dataclass
+class Output:
+    """One tile's finished opt_v2 (a whole tile, or a windowed tile's last window just blended in)."""
+
+    tile: Tile
+    opt_v2: np.ndarray
+    cpu_fallback: bool
+    model_s: float              # this tile's share of model time
+    windows: dict[str, Any]     # `processing.windows`
 
 
 class TileWriter(BasePredictionWriter):
@@ -43,6 +61,7 @@ class TileWriter(BasePredictionWriter):
         self.failures: list[dict[str, str]] = []
         self.batch_marks: list[tuple[float, int]] = []    # (time, tiles) at each batch end
         self.model_s = 0.0
+        self.assembler = Assembler()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._slots: threading.BoundedSemaphore | None = None
@@ -67,17 +86,19 @@ class TileWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Prediction,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.batch_marks.append((time.perf_counter(), len(prediction.outputs)))
+        self.batch_marks.append((time.perf_counter(), prediction.batch.progress))
         self.model_s += prediction.model_s
         for failure in prediction.batch.failures:
             self._record_failure(failure.path, failure.reason, failure.hint)
-        if not prediction.outputs:
+        outputs = self._finished(prediction)
+        if not outputs:
             return
         if self.threads == 0:
-            self._write_batch(prediction)   # inline: on few cores a writer thread only steals from torch
+            # inline: on few cores a writer thread only steals from torch
+            self._write_outputs(outputs, prediction.device)
         else:
             self._slots.acquire()       # bounded: at most 2 x threads batches wait in memory
-            fut = self._pool.submit(self._write_batch, prediction)
+            fut = self._pool.submit(self._write_outputs, outputs, prediction.device)
             fut.add_done_callback(lambda _: self._slots.release())
             self._futures.append(fut)
             self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
@@ -108,16 +129,23 @@ class TileWriter(BasePredictionWriter):
             self.failures.append(entry)
         log.warning("failed: %s: %s (%s)", path, reason, hint)
 
-    def _write_batch(self, pred: Prediction) -> None:
-        tiles = pred.batch.tiles
-        per_tile_ms = 1000.0 * pred.model_s / max(len(tiles), 1)
+    def _finished(self, pred: Prediction) -> list[Output]:
+        """The batch's whole tiles, and the windowed tiles whose last window this batch brought."""
+        n, share = len(pred.batch.tiles), pred.model_s / max(len(pred.outputs), 1)
+        done = [Output(t, y, fb, share, whole_tile(y.shape))
+                for t, y, fb in zip(pred.batch.tiles, pred.outputs[:n], pred.cpu_fallback[:n], strict=True)]
+        for asm in self.assembler.add(pred.batch.windows, pred.outputs[n:], share, pred.cpu_fallback[n:]):
+            done.append(Output(asm.tile, asm.result(), asm.cpu_fallback, asm.model_s, asm.grid.describe()))
+        return done
+
+    def _write_outputs(self, outputs: list[Output], device: str) -> None:
         stamp = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
-        for tile, out, fallback in zip(tiles, pred.outputs, pred.cpu_fallback, strict=True):
+        for o in outputs:
+            tile = o.tile
             try:
-                q = None
-                if self.quality:
-                    from ..quality import tile_quality
-                    q = tile_quality(tile.array, out)
+                q = self._quality(tile, o.opt_v2)
+                if tile.nodata is not None:
+                    o.opt_v2[:, tile.nodata] = np.nan      # no data in, no data out (SPEC 9)
                 meta = {
                     **tile.meta,
                     "stage": "stage2_refined",
@@ -126,23 +154,33 @@ class TileWriter(BasePredictionWriter):
                     "processing": {
                         **self.processing,
                         "input_file": str(tile.path),
-                        "device": "cpu" if fallback else pred.device,
-                        "processing_time_ms": round(per_tile_ms, 3),
-                        "cpu_fallback": bool(fallback),
+                        "device": "cpu" if o.cpu_fallback else device,
+                        "processing_time_ms": round(1000.0 * o.model_s, 3),
+                        "cpu_fallback": bool(o.cpu_fallback),
                         "clipped_values": tile.clipped,
+                        "masked_pixels": tile.masked,
+                        "windows": o.windows,
                     },
                 }
                 if q is not None:
                     meta["quality"] = q
-                write_tile(self.output_dir, tile.name, out, meta)
+                write_tile(self.output_dir, tile.name, o.opt_v2, meta)
             except Exception as e:  # disk full, permission, ...: this tile fails, the run goes on
                 self._record_failure(tile.path, f"could not write the output: {type(e).__name__}: {e}",
                                      f"check free space and permissions of {self.output_dir}")
                 continue
-            rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(fallback),
+            rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(o.cpu_fallback),
                              q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None)
             with self._lock:
                 self.records.append(rec)
+
+    def _quality(self, tile: Tile, opt_v2: np.ndarray) -> dict[str, float | None] | None:
+        """Quality of the valid pixels (masked ones are filled values, not data)."""
+        if not self.quality:
+            return None
+        from ..quality import tile_quality
+
+        return tile_quality(tile.array, opt_v2, valid=None if tile.nodata is None else ~tile.nodata)
 
     # ------------------------------------------------------------------ figures
     def steady_tiles_per_s(self) -> float:
