@@ -113,23 +113,32 @@ def bucket_key(shape: tuple[int, ...] | None, multiple: int) -> Hashable:
     return padded_size(shape[1], shape[2], multiple)
 
 
+# A windowed tile's batches go to one rank, and a batch holding windows of two tiles ties both to
+# that rank. So that such ties cannot chain a whole bucket of windowed tiles onto one rank, a batch
+# is closed early where a new windowed tile begins once this many batches are tied together:
+# at most one part-filled batch per 32 (3 % of a GPU's batches), and ranks get units to balance.
+UNIT_BATCHES = 32
+
+
 class SizeBucketBatchSampler(Sampler[list[int]]):
     """Batches of indices that share a bucket key, split across ranks with no padding duplicates.
 
     Lightning's DistributedSampler pads the index list so every rank gets the same count, which
     would process some tiles twice. Here batches are dealt to the ranks whole: every item is in
     exactly one batch on exactly one rank. Batches holding windows of the same tile (same `groups`
-    value) go to one rank together, so a windowed tile is read and assembled in one process.
+    value) go to one rank together, so a windowed tile is read and assembled in one process. The
+    batches are the same whatever the number of ranks, so outputs are identical to one process's.
     """
 
     def __init__(self, keys: Sequence[Hashable], batch_size: int, rank: int = 0, world_size: int = 1,
-                 groups: Sequence[Hashable | None] | None = None) -> None:
+                 groups: Sequence[Hashable | None] | None = None, unit_batches: int = UNIT_BATCHES) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        groups = [None] * len(keys) if groups is None else groups
         buckets: dict[Hashable, list[int]] = {}
         for i, k in enumerate(keys):
             buckets.setdefault(k, []).append(i)
-        batches = [idx[i:i + batch_size] for idx in buckets.values() for i in range(0, len(idx), batch_size)]
+        batches = [b for idx in buckets.values() for b in _bucket_batches(idx, batch_size, groups, unit_batches)]
         self.batches = deal(batches, groups, world_size)[rank]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -139,7 +148,28 @@ class SizeBucketBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def deal(batches: list[list[int]], groups: Sequence[Hashable | None] | None, world: int) -> list[list[list[int]]]:
+def _bucket_batches(idx: list[int], batch_size: int, groups: Sequence[Hashable | None],
+                    unit_batches: int) -> list[list[int]]:
+    """Full batches in order, except one closed early where a windowed tile begins after
+    `unit_batches` batches tied together (see UNIT_BATCHES)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tied, last = 0, None       # batches tied since the last break; the last windowed tile seen
+    for i in idx:
+        g = groups[i]
+        if g is not None and g != last:
+            if current and tied + 1 >= unit_batches:
+                batches.append(current)
+                current, tied = [], 0
+            last = g
+        current.append(i)
+        if len(current) == batch_size:
+            batches.append(current)
+            current, tied = [], tied + 1
+    return batches + ([current] if current else [])
+
+
+def deal(batches: list[list[int]], groups: Sequence[Hashable | None], world: int) -> list[list[list[int]]]:
     """The batches of each rank, in their global order.
 
     Batches that share a group (a windowed tile) form one unit; each unit goes to the rank with the
@@ -167,8 +197,8 @@ def deal(batches: list[list[int]], groups: Sequence[Hashable | None] | None, wor
     return per_rank
 
 
-def _groups(batch: list[int], groups: Sequence[Hashable | None] | None) -> set[Hashable]:
-    return set() if groups is None else {groups[i] for i in batch if groups[i] is not None}
+def _groups(batch: list[int], groups: Sequence[Hashable | None]) -> set[Hashable]:
+    return {groups[i] for i in batch if groups[i] is not None}
 
 
 def collate(items: list[Tile | TileFailure | WindowRef], multiple: int) -> Batch:

@@ -31,7 +31,7 @@ class TileProgressBar(TQDMProgressBar):
         if not self.has_dataloader_changed(dataloader_idx):
             return
         self._done = 0
-        self.predict_progress_bar.reset(total=round(self._total_tiles(trainer), 2))
+        self.predict_progress_bar.reset(total=round(self._total_tiles(trainer)))
         self.predict_progress_bar.set_description("stage2")
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -39,5 +39,6 @@ class TileProgressBar(TQDMProgressBar):
         self._done += batch.progress
         bar = self.predict_progress_bar
         if bar is not None and not bar.disable:
-            bar.n = round(self._done, 2)
+            done = round(self._done, 2)         # whole tiles as integers, windows as fractions of a tile
+            bar.n = int(done) if done == int(done) else done
             bar.refresh()
