@@ -4,9 +4,13 @@ A pixel is no data when any of its bands is NaN (a spectrum with a missing band 
 The model needs a value everywhere, so each no-data pixel takes the spectrum of its nearest valid pixel
 (Euclidean distance transform). Why nearest-valid and not zeros, the tile mean or a smooth inpainting:
 - every filled pixel is a real observed spectrum, so band ratios (NDVI) stay physical;
-- the valid side of a swath edge continues unchanged across it, with no step: zeros or a mean make
-  a strong artificial edge that the refiner treats as a field boundary, and its 3x3 decoder and the
-  attention spread that into the valid pixels next to it (measured in tests/predict/test_nodata.py);
+- the valid side of a swath edge continues across it with no step: zeros or a mean make a strong
+  artificial edge that the refiner treats as a field boundary, and its decoder and the encoder's
+  attention carry that into the valid pixels. Measured on a real 256 px tile with its left third
+  NaN (prithvi_eo_tiny, seeded weights): the valid part's output, 32 px and more from the edge,
+  differs from the same tile's without NaN by 0.0037 (mean abs) with nearest-valid fill, 0.0052
+  with a mirror of the valid side, 0.0070 with the band means and 0.0199 with zeros, for a mean
+  refinement of 0.052 (tests/predict/test_real_tiles.py checks the first);
 - it is exact, deterministic and one pass, and its cost is bounded by the no-data region (below).
 The filled values are only context: the writer puts NaN back on these pixels.
 

@@ -39,31 +39,37 @@ CPU = ["hardware=cpu", "precision=32"]
 
 
 # ---------------------------------------------------------------------------- an independent blend
-def starts(length: int, size: int, overlap: int) -> list[int]:
-    """SPEC 9's placement: the fewest windows at most size - overlap apart, evenly from 0 to flush."""
-    if length <= size:
-        return [0]
-    n = math.ceil((length - size) / (size - overlap)) + 1
-    return [i * (length - size) // (n - 1) for i in range(n)]
+def starts(length: int, size: int = SIZE, overlap: int = OVERLAP, patch: int = 16) -> tuple[list[int], int]:
+    """SPEC 9's placement as this project reads it: windows of `size` px start on the model's patch
+    grid, at most size - overlap apart, evenly from 0 to flush with the side padded to the patch
+    size. Returns the starts and the window's side (the padded side where that is shorter)."""
+    padded = length + (-length) % patch
+    win = min(size, padded)
+    if padded <= win:
+        return [0], win
+    n = math.ceil((padded - win) / (size - overlap)) + 1
+    return [patch * (i * ((padded - win) // patch) // (n - 1)) for i in range(n)], win
 
 
 def raised_cosine(n: int) -> np.ndarray:
     return FLOOR + (1 - FLOOR) * np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
 
 
-def blend(model, v1: np.ndarray, month: int, biome: int, size: int = SIZE, overlap: int = OVERLAP) -> np.ndarray:
-    """The model on each window alone (batch 1), blended in float64: sum(w * y) / sum(w)."""
+def blend(model, v1: np.ndarray, month: int, biome: int) -> np.ndarray:
+    """The model on each window alone (batch 1; it reflect-pads a window cut short by the tile's
+    edge itself), blended in float64: sum(w * y) / sum(w)."""
     h, w = v1.shape[1:]
-    wh, ww = min(size, h), min(size, w)
+    (ys, wh), (xs, ww) = starts(h), starts(w)
     weight = np.outer(raised_cosine(wh), raised_cosine(ww))
     num, den = np.zeros((4, h, w)), np.zeros((h, w))
-    for y in starts(h, wh, overlap):
-        for x in starts(w, ww, overlap):
+    for y in ys:
+        for x in xs:
+            window = np.ascontiguousarray(v1[:, y:y + wh, x:x + ww])
             with torch.inference_mode():
-                out = model(torch.from_numpy(np.ascontiguousarray(v1[:, y:y + wh, x:x + ww]))[None],
-                            torch.tensor([month]), torch.tensor([biome]))[0].double().numpy()
-            num[:, y:y + wh, x:x + ww] += weight * out
-            den[y:y + wh, x:x + ww] += weight
+                out = model(torch.from_numpy(window)[None], torch.tensor([month]), torch.tensor([biome]))[0]
+            eh, ew = window.shape[1:]
+            num[:, y:y + eh, x:x + ew] += weight[:eh, :ew] * out.double().numpy()
+            den[y:y + eh, x:x + ew] += weight[:eh, :ew]
     return num / den
 
 
@@ -71,17 +77,18 @@ def blend(model, v1: np.ndarray, month: int, biome: int, size: int = SIZE, overl
 @pytest.mark.parametrize("h,w", [(513, 1031), (700, 257), (257, 4099), (529, 17), (4096, 4096)])
 def test_windows_cover_odd_tiles_flush_and_never_leave_them(h, w):
     grid = grid_for((4, h, w), WindowSettings(SIZE, OVERLAP, ABOVE), 16)
-    assert (grid.win_h, grid.win_w) == (min(SIZE, h), min(SIZE, w))
     covered = np.zeros((h, w), dtype=int)
     for k in range(grid.count):
         y, x = grid.origin(k)
-        assert 0 <= y and y + grid.win_h <= h and 0 <= x and x + grid.win_w <= w      # no out-of-range slice
-        assert grid.cut(np.empty((4, h, w)), k).shape == (4, grid.win_h, grid.win_w)
-        covered[y:y + grid.win_h, x:x + grid.win_w] += 1
+        assert 0 <= y < h and 0 <= x < w and y % 16 == 0 and x % 16 == 0      # starts inside, on the patch grid
+        part = grid.cut(np.empty((4, h, w)), k)
+        assert part.shape == (4, min(grid.win_h, h - y), min(grid.win_w, w - x))
+        assert grid.win_h - part.shape[1] < 16 and grid.win_w - part.shape[2] < 16   # at most the patch padding
+        covered[y:y + part.shape[1], x:x + part.shape[2]] += 1
     assert covered.min() >= 1                                                        # no uncovered pixel
     for side, win, s in ((h, grid.win_h, grid.ys), (w, grid.win_w, grid.xs)):
-        assert s[0] == 0 and s[-1] == side - win                                     # flush with both edges
-        assert list(s) == starts(side, win, OVERLAP)
+        assert (list(s), win) == starts(side)
+        assert s[0] == 0 and s[-1] + win == side + (-side) % 16                      # flush with both (padded) edges
         assert all(b - a <= SIZE - OVERLAP for a, b in zip(s, s[1:], strict=False))  # overlap >= 64 px
 
 
@@ -90,7 +97,7 @@ def test_a_tile_up_to_window_above_runs_whole():
     assert grid_for((4, 512, 512), settings, 16) is None          # padded 512: not above 512
     assert grid_for((4, 497, 500), settings, 16) is None          # padded 512 x 512
     assert grid_for((4, 513, 100), settings, 16).count == 3       # padded 528 > 512
-    assert positions(100, 256, 192) == (0,)
+    assert positions(100, 256, 192, 16) == (0,)
 
 
 @pytest.mark.parametrize("h,w", [(513, 1031), (700, 257), (300, 2000)])
@@ -183,10 +190,9 @@ def test_a_windowed_tile_is_the_weighted_blend_of_its_windows_run_alone(windowed
         expected = blend(tiny_model, tiles[name], month, biome)
         assert np.abs(v2 - expected).max() <= 1e-5, name
         windows = _json(out / f"{name}.json")["processing"]["windows"]
-        h, w = tiles[name].shape[1:]
-        grid = [len(starts(h, min(SIZE, h), OVERLAP)), len(starts(w, min(SIZE, w), OVERLAP))]
-        assert windows == {"count": grid[0] * grid[1], "grid": grid, "size": [min(SIZE, h), min(SIZE, w)],
-                           "overlap": OVERLAP, "refined_pixels": grid[0] * grid[1] * min(SIZE, h) * min(SIZE, w)}
+        (ys, wh), (xs, ww) = (starts(n) for n in tiles[name].shape[1:])
+        assert windows == {"count": len(ys) * len(xs), "grid": [len(ys), len(xs)], "size": [wh, ww],
+                           "overlap": OVERLAP, "refined_pixels": len(ys) * len(xs) * wh * ww}
     # a tile just under window.above runs whole, as before: the model on the whole tile
     under = read_output(out / "under.npz")
     with torch.inference_mode():

@@ -59,7 +59,7 @@ class Batch:
         month, biome = _ints([w.tile.month for w in windows]), _ints([w.tile.biome for w in windows])
         parts = [(self.x, x), (self.month, month), (self.biome, biome)]
         self.x, self.month, self.biome = (b if a is None else torch.cat((a, b)) for a, b in parts)
-        self.sizes += [(w.grid.win_h, w.grid.win_w) for w in windows]
+        self.sizes += [tuple(w.array.shape[1:]) for w in windows]
 
     def pin_memory(self) -> Batch:
         if self.x is not None:

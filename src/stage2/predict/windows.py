@@ -61,18 +61,20 @@ class WindowSettings:
         return self.size - self.overlap
 
 
-def positions(length: int, size: int, stride: int) -> tuple[int, ...]:
-    """Window starts along one side: the fewest windows `stride` px apart or closer, spread evenly
-    from 0 to flush with the far edge.
+def positions(length: int, size: int, stride: int, multiple: int) -> tuple[int, ...]:
+    """Window starts along one side: multiples of `multiple`, the fewest at most `stride` apart,
+    spread evenly from 0 to flush with the side padded to a multiple of `multiple`.
 
-    Covers every pixel, no window leaves the tile, and neighbours overlap by at least
-    size - stride px (evenly, rather than one sliver of a last window overlapping almost all of
-    its neighbour). A side no longer than `size` gets one window of its own length.
+    Covers every pixel and no window starts outside the tile; the last window ends where the
+    model's own padding of the whole tile would end, so its few px past the edge are reflect-padded
+    exactly as the tile's would be. `size` and `stride` are multiples of `multiple`.
     """
-    if length <= size:
+    padded = length + (-length) % multiple
+    if padded <= size:
         return (0,)
-    n = math.ceil((length - size) / stride) + 1
-    return tuple(i * (length - size) // (n - 1) for i in range(n))
+    n = math.ceil((padded - size) / stride) + 1
+    steps = (padded - size) // multiple
+    return tuple(multiple * (i * steps // (n - 1)) for i in range(n))
 
 
 def profile(n: int) -> np.ndarray:
@@ -101,12 +103,14 @@ class Grid:
         return self.ys[i], self.xs[j]
 
     def cut(self, arr: np.ndarray, k: int) -> np.ndarray:
-        """Window k of a (C, H, W) array: a view, no copy."""
+        """The part of window k inside a (C, H, W) array: a view, no copy. The last row and column of
+        windows reach up to patch size - 1 px past the tile; the batch reflect-pads them back."""
         y, x = self.origin(k)
         return arr[:, y:y + self.win_h, x:x + self.win_w]
 
     def weights(self) -> np.ndarray:
-        """(win_h, win_w) float32 weights of every window: the outer product of the two profiles."""
+        """(win_h, win_w) float32 weights of a whole window: the outer product of the two profiles
+        (a window cut short by the tile's edge takes its top-left part)."""
         return np.outer(profile(self.win_h), profile(self.win_w)).astype(np.float32)
 
     def weight_sums(self) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +119,7 @@ class Grid:
         return _side_sum(self.height, self.ys, self.win_h), _side_sum(self.width, self.xs, self.win_w)
 
     def describe(self) -> dict[str, Any]:
-        """`processing.windows` of the output JSON."""
+        """`processing.windows` of the output JSON: `refined_pixels` counts whole windows (the model's input)."""
         return {"count": self.count, "grid": [len(self.ys), len(self.xs)], "size": [self.win_h, self.win_w],
                 "overlap": self.overlap, "refined_pixels": self.count * self.win_h * self.win_w}
 
@@ -124,18 +128,30 @@ def _side_sum(length: int, starts: tuple[int, ...], size: int) -> np.ndarray:
     total = np.zeros(length, dtype=np.float64)
     p = profile(size)
     for s in starts:
-        total[s:s + size] += p
+        part = total[s:s + size]
+        part += p[:part.size]
     return total
 
 
 def grid_for(shape: tuple[int, ...], settings: WindowSettings, multiple: int) -> Grid | None:
-    """The windows of a (4, H, W) tile, or None when it runs whole (padded sides <= window.above)."""
+    """The windows of a (4, H, W) tile, or None when it runs whole (padded sides <= window.above).
+
+    Windows start on the model's patch grid (multiples of `multiple`, the patch size), so every
+    window cuts the tile into the same patches as the whole tile would be: a pixel has the same
+    place in its patch in every window, and the patch-scale texture of a ViT's output lines up
+    where windows are blended. Measured on a 768 px mosaic of real tiles with prithvi_eo_tiny:
+    windows on the patch grid change the output from the whole-tile run by 0.023 (mean abs), off
+    the grid by 0.051, as much as the refinement itself (0.049). Hence `window.size` and the
+    step between windows are taken down to multiples of the patch size (256 and 192 for 16 px).
+    """
     h, w = shape[-2:]
-    padded = (h + (-h) % multiple, w + (-w) % multiple)     # as model.padded_size (no torch here)
-    if max(padded) <= settings.above:
+    ph, pw = h + (-h) % multiple, w + (-w) % multiple     # as model.padded_size (no torch here)
+    if max(ph, pw) <= settings.above:
         return None
-    win_h, win_w = min(settings.size, h), min(settings.size, w)
-    return Grid(h, w, win_h, win_w, positions(h, win_h, settings.stride), positions(w, win_w, settings.stride),
+    size = max(multiple, settings.size - settings.size % multiple)
+    stride = max(multiple, settings.stride - settings.stride % multiple)
+    win_h, win_w = min(size, ph), min(size, pw)
+    return Grid(h, w, win_h, win_w, positions(h, win_h, stride, multiple), positions(w, win_w, stride, multiple),
                 settings.overlap)
 
 
@@ -246,7 +262,7 @@ class Assembly:
     def add(self, index: int, y: np.ndarray, model_s: float, cpu_fallback: bool) -> bool:
         """Blend one window's opt_v2 in; True when it was the last."""
         region = self.grid.cut(self.acc, index)
-        region += y * self.weights
+        region += y * self.weights[:region.shape[1], :region.shape[2]]
         self.received += 1
         self.model_s += model_s
         self.cpu_fallback |= cpu_fallback
