@@ -98,10 +98,13 @@ def seam_ratio(v1: np.ndarray, v2: np.ndarray, lines: list[int], avoid: list[int
     border, inside = [], []
     for axis in (1, 2):
         xs, steps = _steps(d, axis)
-        near = lambda pos: np.min(np.abs(xs[:, None] - np.array(pos)[None, :]), axis=1) < BOX  # noqa: E731
-        border.append(steps[np.isin(xs, lines) & ~near(avoid)])
-        inside.append(steps[~near(lines) & ~near(avoid)])
+        border.append(steps[np.isin(xs, lines) & ~_near(xs, avoid)])
+        inside.append(steps[~_near(xs, lines) & ~_near(xs, avoid)])
     return float(np.concatenate(border).mean() / np.concatenate(inside).mean())
+
+
+def _near(xs: np.ndarray, pos: list[int]) -> np.ndarray:
+    return np.min(np.abs(xs[:, None] - np.array(pos)[None, :]), axis=1) < BOX
 
 
 def _lines(length: int) -> dict[str, list[int]]:
