@@ -26,16 +26,18 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import REPO, SOURCES, run_process  # noqa: E402
+from bench_predict import ENV, REPO, SOURCES, _hwm_mib  # noqa: E402
 
-sys.path.insert(0, str(REPO / "tests" / "predict"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "predict")]
 from test_real_tiles import seam_ratio  # noqa: E402  (the tests' own seam statistic)
 
 TILE = 256
@@ -91,10 +93,18 @@ def predict(ckpt: Path, inp: Path, out: Path, run_dir: Path, args: argparse.Name
             extra: list[str] = ()) -> tuple[float, int]:
     """Predict phase seconds (from the run's log) and peak RSS in MiB of one predict process."""
     shutil.rmtree(out, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "stage2.predict", "hardware=cpu", f"checkpoint={ckpt}", f"input_dir={inp}",
            f"output_dir={out}", f"batch_size={args.batch_size}", f"precision={args.precision}",
            f"hydra.run.dir={run_dir}", *extra]
-    _, peak, _ = run_process(cmd, cwd=run_dir.parent)
+    with open(run_dir / "console.txt", "w") as console:     # a file, not a pipe: the bar writes a lot
+        p = subprocess.Popen(cmd, cwd=run_dir, env=ENV, stdout=console, stderr=subprocess.STDOUT)
+        peak = 0
+        while p.poll() is None:
+            peak = max(peak, _hwm_mib(p.pid) or 0)
+            time.sleep(0.02)
+    if p.returncode != 0:
+        raise RuntimeError(f"predict exited {p.returncode}: {(run_dir / 'console.txt').read_text()[-3000:]}")
     log = (run_dir / "stage2_predict.log").read_text()
     ready = float(re.findall(r"trainer ready at ([\d.]+) s", log)[-1])
     done = float(re.findall(r"predict done at ([\d.]+) s", log)[-1])
