@@ -13,9 +13,9 @@ Pure numpy/scipy so the writer threads and the report can use it without torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
-from scipy import ndimage
 
 NDVI_RMSE_TARGET = 0.05          # ndvi_rmse below this is good
 EDGE_PRESERVATION_TARGET = 0.90  # edge_preservation above this is good
@@ -44,39 +44,102 @@ def ndvi(opt: np.ndarray) -> np.ndarray:
     return (nir - red) / (nir + red + EPS)
 
 
-def ndvi_rmse(v1: np.ndarray, v2: np.ndarray) -> float:
-    """Root-mean-square difference of the two tiles' NDVI (the mean is accumulated in float64)."""
-    d = ndvi(v1) - ndvi(v2)
-    return float(np.sqrt(np.mean(d * d, dtype=np.float64)))
+def ndvi_rmse(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Root-mean-square difference of the two tiles' NDVI over the `valid` pixels (all by default).
+
+    Accumulated in float64 over blocks, so a large tile needs no tile-sized temporaries.
+    """
+    v1, v2 = np.asarray(v1), np.asarray(v2)
+    total, n = 0.0, 0
+    for r0, r1, c0, c1 in _blocks(v1.shape):
+        d = ndvi(v1[:, r0:r1, c0:c1]) - ndvi(v2[:, r0:r1, c0:c1])
+        if valid is not None:
+            d = d[valid[r0:r1, c0:c1]]
+        total += float(np.sum(d * d, dtype=np.float64))
+        n += d.size
+    return math.sqrt(total / n)
 
 
 def sobel_magnitude(band: np.ndarray) -> np.ndarray:
-    """Gradient magnitude hypot(sobel axis 0, sobel axis 1) of one (H, W) band (scipy.ndimage.sobel)."""
-    band = _float(band)
-    return np.hypot(ndimage.sobel(band, axis=0), ndimage.sobel(band, axis=1))
+    """Gradient magnitude hypot(sobel axis 0, sobel axis 1) of one (H, W) band.
+
+    scipy.ndimage.sobel's kernels ([1, 2, 1] smoothing, [-1, 0, 1] difference) and border (its
+    'reflect', numpy's 'symmetric'), written as array slices: the same values within float32
+    rounding (7e-7), 2x faster on 256 px tiles and 6x on 64-row blocks of a 4096 px tile (ndimage's
+    pass along axis 0 walks the array across its rows).
+    """
+    p = np.pad(_float(band), 1, mode="symmetric")
+    across = p[:-2] + 2 * p[1:-1] + p[2:]            # smoothed along axis 0
+    down = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]     # smoothed along axis 1
+    return np.hypot(across[:, 2:] - across[:, :-2], down[2:] - down[:-2])
 
 
-def edge_preservation(v1: np.ndarray, v2: np.ndarray) -> float | None:
-    """Pearson r of the NIR Sobel magnitudes of the two tiles.
+def edge_preservation(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> float | None:
+    """Pearson r of the NIR Sobel magnitudes of the two tiles, over the `valid` pixels (all by default).
 
     None where either magnitude is flat (std < FLAT_STD): r is 0/0 there, and NaN must never reach
-    a JSON file.
+    a JSON file. A large tile is taken in blocks (means first, then centred sums), each block's
+    Sobel computed with one pixel of its neighbours around it, so the values are the whole tile's.
     """
-    a = sobel_magnitude(np.asarray(v1)[NIR]).ravel().astype(np.float64)
-    b = sobel_magnitude(np.asarray(v2)[NIR]).ravel().astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
-    # einsum, not a @ b: BLAS may start its own threads for a dot this long, which only
-    # competes with the model for cores (this runs in the writer threads during inference).
-    saa, sbb, sab = (float(np.einsum("i,i->", x, y)) for x, y in ((a, a), (b, b), (a, b)))
-    if min(saa, sbb) < a.size * FLAT_STD**2:
+    blocks = _blocks(np.shape(v1))
+    cached = None
+    if len(blocks) == 1 or np.shape(v1)[-1] * np.shape(v1)[-2] <= CACHE_PIXELS:
+        cached = [_sobel_pair(v1, v2, valid, b) for b in blocks]
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return iter(cached) if cached is not None else (_sobel_pair(v1, v2, valid, b) for b in blocks)
+
+    n, sa, sb = 0, 0.0, 0.0
+    for a, b in pairs():
+        n, sa, sb = n + a.size, sa + float(a.sum()), sb + float(b.sum())
+    ma, mb = sa / n, sb / n
+    saa = sbb = sab = 0.0
+    for a, b in pairs():
+        a, b = a - ma, b - mb
+        # einsum, not a @ b: BLAS may start its own threads for a dot this long, which only
+        # competes with the model for cores (this runs in the writer threads during inference).
+        saa += float(np.einsum("i,i->", a, a))
+        sbb += float(np.einsum("i,i->", b, b))
+        sab += float(np.einsum("i,i->", a, b))
+    if min(saa, sbb) < n * FLAT_STD**2:
         return None
     return float(np.clip(sab / math.sqrt(saa * sbb), -1.0, 1.0))
 
 
-def tile_quality(v1: np.ndarray, v2: np.ndarray) -> dict[str, float | None]:
-    """The per-tile `quality` object of the output JSON (plain floats or None: JSON-safe)."""
-    return {"ndvi_rmse": ndvi_rmse(v1, v2), "edge_preservation": edge_preservation(v1, v2)}
+# Large tiles are measured in squares of BLOCK_SIDE px (a 256 px tile is one), which stay in the CPU's
+# cache. Measured on the 2 shared cores under load, for the pixels of a 4096 px tile: the NIR Sobel
+# took 1.5-1.9 s in 64-row blocks, 0.58-0.68 s in 256 px squares and 0.42-0.64 s as 256 px tiles;
+# NDVI RMSE 0.9-1.1 s, 0.33-0.40 s and 0.15-0.19 s. Up to CACHE_PIXELS, the magnitudes of the
+# first pass (means) are kept for the second (centred sums): 64 MiB at most.
+BLOCK_SIDE = 256
+CACHE_PIXELS = 1 << 22
+
+
+def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    h, w = shape[-2:]
+    return [(r, min(r + BLOCK_SIDE, h), c, min(c + BLOCK_SIDE, w))
+            for r in range(0, h, BLOCK_SIDE) for c in range(0, w, BLOCK_SIDE)]
+
+
+def _sobel_pair(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None, block: tuple[int, int, int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """NIR Sobel magnitudes of one block of both tiles, as flat float64 arrays of its valid pixels."""
+    r0, r1, c0, c1 = block
+    h, w = np.shape(v1)[-2:]
+    s0, s1, t0, t1 = max(r0 - 1, 0), min(r1 + 1, h), max(c0 - 1, 0), min(c1 + 1, w)   # the 3x3 kernel's context
+    out = []
+    for v in (v1, v2):
+        mag = sobel_magnitude(np.asarray(v)[NIR, s0:s1, t0:t1])[r0 - s0:r1 - s0, c0 - t0:c1 - t0]
+        out.append((mag if valid is None else mag[valid[r0:r1, c0:c1]]).ravel().astype(np.float64))
+    return out[0], out[1]
+
+
+def tile_quality(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float | None]:
+    """The per-tile `quality` object of the output JSON (plain floats or None: JSON-safe).
+
+    `valid` (H, W) bool limits both metrics to those pixels (nan_policy=mask: the others are no data).
+    """
+    return {"ndvi_rmse": ndvi_rmse(v1, v2, valid), "edge_preservation": edge_preservation(v1, v2, valid)}
 
 
 def below_target(q: dict[str, float | None]) -> bool:

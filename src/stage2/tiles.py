@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .nodata import block_rows, fill_nearest, nodata_mask, row_blocks
 from .runtime import TMP_SUFFIX, atomic_write, pid_alive, temporary_owner
 
 INPUT_KEY = "opt_v1"
@@ -29,6 +30,7 @@ MIN_SIDE = 16
 DEFAULT_MONTH = 6
 DEFAULT_BIOME = 0
 CLIP_TOLERANCE = 0.01
+NAN_POLICIES = ("fail", "mask")     # SPEC 9: NaN fails the tile, or marks no-data pixels
 # The run's own files in output_dir (never outputs: their names start with "_stage2_", and a tile
 # whose name starts so fails: its output would overwrite them).
 RESERVED_PREFIX = "_stage2_"
@@ -83,6 +85,8 @@ class Tile:
     clipped: int = 0               # values within CLIP_TOLERANCE outside [0, 1] that were clipped
     geo: GeoRef | None = None      # from a GeoTIFF, or a sidecar's crs + transform; None: not georeferenced
     source: dict[str, Any] = field(default_factory=dict)  # input_state() when it was read (rerun trust)
+    nodata: np.ndarray | None = None   # (H, W) bool under nan_policy=mask: True where the input is NaN
+    masked: int = 0                # no-data pixels (filled for the model, NaN in opt_v2)
 
 
 @dataclass
@@ -387,8 +391,13 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
-    """Check an opt_v1 array against SPEC 2/5; return it as float32 in [0, 1] and the clipped count."""
+def validate_array(arr: np.ndarray, allow_nan: bool = False) -> tuple[np.ndarray, int]:
+    """Check an opt_v1 array against SPEC 2/5; return it as float32 in [0, 1] and the clipped count.
+
+    Values within CLIP_TOLERANCE outside [0, 1] are clipped in place (the array read from the file
+    is not kept elsewhere, and a copy would double a large tile's memory). With `allow_nan`
+    (nan_policy=mask) NaN passes (read_tile then fails a tile with no valid pixel); Inf never does.
+    """
     if arr.dtype.kind in "iu":
         raise TileError(f"integer array ({arr.dtype}): values look like digital numbers, not reflectance",
                         SCALING_HINT)
@@ -409,49 +418,96 @@ def validate_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
     if h < MIN_SIDE or w < MIN_SIDE:
         raise TileError(f"tile {h}x{w} is smaller than {MIN_SIDE} px on a side (one model patch)",
                         f"merge it with its neighbours or drop it: tiles need at least {MIN_SIDE}x{MIN_SIDE} px")
-    finite = np.isfinite(arr)
-    if not finite.all():
-        n_nan = int(np.isnan(arr).sum())
-        n_inf = int(arr.size - finite.sum()) - n_nan
-        raise TileError(f"{n_nan} NaN and {n_inf} Inf values",
-                        "fill no-data pixels in Stage 1 (e.g. with numpy.nan_to_num) or mask the tile out")
-    lo, hi = float(arr.min()), float(arr.max())
+    n_nan, n_inf, lo, hi = _value_stats(arr)
+    _check_non_finite(n_nan, n_inf, allow_nan)
     if lo < -CLIP_TOLERANCE or hi > 1 + CLIP_TOLERANCE:
         raise TileError(f"values in [{lo:.4g}, {hi:.4g}], far outside [0, 1]", SCALING_HINT)
     arr = arr.astype(np.float32, copy=False)
     clipped = 0
     if lo < 0 or hi > 1:
-        clipped = int(np.count_nonzero((arr < 0) | (arr > 1)))
-        arr = np.clip(arr, 0.0, 1.0)
+        arr = arr if arr.flags.writeable else arr.copy()
+        clipped = _clip_in_place(arr)
     return np.ascontiguousarray(arr), clipped
 
 
-def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *,
+def _value_stats(arr: np.ndarray) -> tuple[int, int, float, float]:
+    """NaN count, Inf count, and min and max of the other values, by row blocks (no tile-sized temporaries)."""
+    n_nan = n_inf = 0
+    lo, hi = np.inf, -np.inf
+    step = block_rows(arr)
+    for r in row_blocks(arr):
+        block = arr[:, r:r + step]
+        finite = np.isfinite(block)
+        if not finite.all():
+            nan = int(np.count_nonzero(np.isnan(block)))
+            n_nan, n_inf = n_nan + nan, n_inf + block.size - int(np.count_nonzero(finite)) - nan
+        # fmin/fmax skip NaN; a block of NaN only gives NaN, which min/max below ignore
+        lo, hi = min(lo, float(np.fmin.reduce(block, axis=None))), max(hi, float(np.fmax.reduce(block, axis=None)))
+    return n_nan, n_inf, lo, hi
+
+
+def _check_non_finite(n_nan: int, n_inf: int, allow_nan: bool) -> None:
+    if (n_nan or n_inf) and not allow_nan:
+        raise TileError(f"{n_nan} NaN and {n_inf} Inf values",
+                        "fill no-data pixels in Stage 1 (e.g. with numpy.nan_to_num), or run with "
+                        "nan_policy=mask to refine the valid pixels and keep NaN as no data")
+    if n_inf:
+        raise TileError(f"{n_inf} Inf values (nan_policy=mask masks NaN only)",
+                        "write no-data pixels as NaN in Stage 1; Inf is not a reflectance")
+
+
+def _clip_in_place(arr: np.ndarray) -> int:
+    """Clip to [0, 1] in place, by row blocks; return how many values were outside."""
+    clipped = 0
+    step = block_rows(arr)
+    for r in row_blocks(arr):
+        block = arr[:, r:r + step]
+        clipped += int(np.count_nonzero((block < 0) | (block > 1)))
+        np.clip(block, 0.0, 1.0, out=block)
+    return clipped
+
+
+def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *, nan_policy: str = "fail",
               input_scale: float | None = None, input_offset: float | None = None) -> Tile:
     """Read and validate one Stage 1 NPZ tile and its sidecar; raise TileError with reason and hint.
 
+    nan_policy="mask" (SPEC 9): NaN pixels are allowed; `Tile.nodata` marks them and `Tile.array`
+    holds them filled from their nearest valid pixel (stage2.nodata), ready for the model.
     `input_scale`/`input_offset` scale an integer array (to_reflectance); float tiles ignore them.
     """
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy={nan_policy!r}: use one of {list(NAN_POLICIES)}")
     path = Path(path)
     name = tile_name(path, Path(input_dir)) if input_dir is not None else path.stem
     if not path.is_file():
         raise TileError("not a regular file", "remove it or point input_dir at the tiles")
     source = input_state(path)      # before reading: a change while it is read shows on the next run
-    arr, clipped = validate_array(to_reflectance(_load_array(path), input_scale, input_offset))
+    arr = to_reflectance(_load_array(path), input_scale, input_offset)
+    arr, clipped = validate_array(arr, allow_nan=nan_policy == "mask")
     meta, month, biome, defaults = read_sidecar(path)
     geo = georef_from_sidecar(meta, path.with_suffix(".json").name)
-    return Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
+    tile = Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
                 defaults=defaults, clipped=clipped, geo=geo, source=source)
+    if nan_policy == "mask":
+        mask = nodata_mask(arr)
+        tile.masked = int(np.count_nonzero(mask))
+        if tile.masked == mask.size:
+            raise TileError(f"no valid pixel: all {mask.size} pixels are NaN (no data) in at least one band",
+                            "nothing to refine here: leave this tile out of input_dir")
+        if tile.masked:
+            fill_nearest(arr, mask)
+            tile.nodata = mask
+    return tile
 
 
-def load_tile(path: Path, input_dir: Path) -> Tile | TileFailure:
+def load_tile(path: Path, input_dir: Path, *, nan_policy: str) -> Tile | TileFailure:
     """read_tile that never raises: a bad tile becomes a TileFailure."""
     name = tile_name(path, input_dir)
     if is_reserved(name):
         return TileFailure(name, path, f"its output {name}.json would overwrite the run's own files "
                            f"({RESERVED_PREFIX}*)", f"rename the tile: no name may start with {RESERVED_PREFIX}")
     try:
-        return read_tile(path, input_dir)
+        return read_tile(path, input_dir, nan_policy=nan_policy)
     except TileError as e:
         return TileFailure(tile_name(path, input_dir), path, e.reason, e.hint)
     except Exception as e:  # anything unexpected still must not stop the run

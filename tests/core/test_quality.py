@@ -124,3 +124,29 @@ def test_quality_summary_all_flat_is_null():
     q = quality_summary([TileRecord("flat", False, False, False, 0.0, None)])
     assert q["edge_preservation"]["mean"] is None and q["edge_preservation"]["worst_tile"] is None
     json.dumps(q, allow_nan=False)
+
+
+@pytest.mark.parametrize("cache_pixels", [0, 1 << 22])
+def test_metrics_of_a_large_tile_taken_in_blocks_equal_the_whole_tile_formula(cache_pixels, monkeypatch):
+    """A 700 x 900 tile is 12 metric blocks; its metrics equal the formulas over the whole tile,
+    Sobel included (scipy.ndimage's definition), also over a subset of valid pixels."""
+    from scipy import ndimage
+
+    from stage2.quality import BLOCK_SIDE, NIR, edge_preservation, ndvi, ndvi_rmse, sobel_magnitude
+
+    monkeypatch.setattr("stage2.quality.CACHE_PIXELS", cache_pixels)    # Sobel kept between passes, or not
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:700, 0:900] / 100.0
+    v1 = (0.3 + 0.2 * np.sin(yy)[None] * np.cos(xx)[None] + rng.normal(0, 0.02, (4, 700, 900))).astype(np.float32)
+    v2 = (v1 + rng.normal(0, 0.01, v1.shape)).astype(np.float32)
+    assert 700 * 900 > 4 * BLOCK_SIDE**2
+    ref = [np.hypot(ndimage.sobel(v[NIR], axis=0), ndimage.sobel(v[NIR], axis=1)) for v in (v1, v2)]
+    assert np.abs(sobel_magnitude(v1[NIR]) - ref[0]).max() <= 1e-6
+    valid = np.ones((700, 900), dtype=bool)
+    valid[:, :250] = False
+    for mask in (None, valid):
+        m = np.ones((700, 900), dtype=bool) if mask is None else mask
+        d = (ndvi(v1) - ndvi(v2))[m].astype(np.float64)
+        assert ndvi_rmse(v1, v2, mask) == pytest.approx(np.sqrt(np.mean(d * d)), rel=1e-9)
+        a, b = (r[m].astype(np.float64) for r in ref)
+        assert edge_preservation(v1, v2, mask) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-6)

@@ -53,12 +53,12 @@ def aoi(tmp_path_factory, tiny_ckpt):
 
 def _bad_tile_is_on_rank_1(inp: Path, patch_size: int) -> bool:
     from stage2.predict.data import SizeBucketBatchSampler, TileDataModule
-    from stage2.predict.memory import MemoryBudget
     from stage2.tiles import discover
 
     files, _ = discover(inp)
     keys = TileDataModule(files=files, input_dir=inp, batch_size=BATCH, num_workers=0, pin_memory=False,
-                          patch_size=patch_size, budget=MemoryBudget(1.0, 2**40)).bucket_keys()
+                          patch_size=patch_size, nan_policy="fail",
+                          window={"size": 256, "overlap": 64, "above": 512}).bucket_keys()
     rank1 = SizeBucketBatchSampler(keys, BATCH, rank=1, world_size=2).batches
     return any(files[i].name == "zz_bad.npz" for b in rank1 for i in b)
 
@@ -173,3 +173,26 @@ def test_two_processes_in_each_job_of_a_sweep(aoi, tiny_ckpt, tmp_path):
         assert sorted(p.name for p in (sweep_dir / job).glob("*.log")) == ["stage2_predict.log",
                                                                             "train_ddp_process_1.log"]
     assert not (tmp_path / "outputs").exists()    # no child fell back to a run dir of its own
+
+
+WINDOWS = ["window.size=32", "window.overlap=8", "window.above=48"]   # the 64 x 56 tiles: 3 x 3 windows
+
+
+def test_two_processes_assemble_windowed_tiles_identically_to_one(aoi, tiny_ckpt):
+    """Windows of one tile all go to one rank (its writer assembles them); the batches are the same
+    as one process's, so the outputs are identical; each windowed tile counts once."""
+    root, inp, names, _, _ = aoi
+    outs = {}
+    for label, flags in (("one", DDP[:2] + [f"batch_size={BATCH}"]), ("two", DDP)):
+        outs[label] = root / f"windows_{label}"
+        r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={outs[label]}", *flags, *WINDOWS],
+                    cwd=root, timeout=600)
+        assert r.returncode == 1, r.stderr[-3000:]            # the bad tile
+        summary = json.loads((outs[label] / "_stage2_summary.json").read_text())
+        assert (summary["processed"], summary["failed"]) == (N_GOOD, 1)
+    for i, name in enumerate(names):
+        one, two = (np.load(outs[k] / f"{name}.npz")["opt_v2"] for k in ("one", "two"))
+        assert np.array_equal(one, two), name
+        windows = json.loads((outs["two"] / f"{name}.json").read_text())["processing"]["windows"]
+        assert windows["count"] == (9 if SIZES[i % 3] == (64, 56) else 1), name
+    assert not [p.name for p in outs["two"].iterdir() if p.name.startswith(".")]

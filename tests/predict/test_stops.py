@@ -10,12 +10,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from helpers import compose_predict, console_lines, make_tile, mounted, remount
 from stage2.predict.app import run
-from stage2.predict.memory import MemoryBudget, available_memory
 from stage2.tiles import read_output
 
 
@@ -157,32 +155,3 @@ def test_sigint_and_sigterm_exit_130_with_a_summary_and_a_rerun_finishes(tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "_stage2_summary.json").read_text())["skipped"] == done
     assert len(_trusted_outputs(out)) == 160
-
-
-def test_a_tile_too_large_for_memory_fails_alone_naming_its_size(tmp_path, tiny_ckpt, capsys):
-    inp, out = tmp_path / "in", tmp_path / "out"
-    make_tile(inp / "big.npz", 320, 320)        # 320 x 320 x 64 channels x 10 B = 66 MB > 0.05 GB
-    make_tile(inp / "small.npz", 48, 48, seed=1)
-    make_tile(inp / "zsmall.npz", 48, 48, seed=2)
-    code, _ = _run(capsys, tiny_ckpt, inp, out, "tile_memory.limit_gb=0.05")
-    assert code == 1
-    (failure,) = [json.loads(x) for x in (out / "_stage2_failures.jsonl").read_text().splitlines()]
-    assert failure["file"].endswith("big.npz")
-    assert "320x320" in failure["reason"] and "0.05 GB" in failure["reason"] and "0.06 GB" in failure["reason"]
-    assert "windows" in failure["hint"]
-    assert (out / "small.json").is_file() and (out / "zsmall.json").is_file() and not (out / "big.npz").exists()
-
-
-def test_memory_budget_from_the_header():
-    budget = MemoryBudget(bytes_per_pixel=640.0, limit_bytes=2**30)
-    assert budget.need((4, 100, 100), 16) == 640 * 112 * 112          # padded to the patch size
-    assert budget.too_large((4, 1024, 1024), 16) is None               # 0.63 GB
-    assert "2048x2048 px" in budget.too_large((4, 2048, 2048), 16)     # 2.5 GB: the tile
-    assert budget.too_large(None, 16) is None and budget.too_large((2, 3), 16) is None
-    assert 0 < available_memory() < 2**50
-    auto = MemoryBudget.from_config(bytes_per_pixel_channel=10, limit_gb="auto", available_fraction=0.5,
-                                    model_config={"decoder_channels": 32, "refine_channels": 32})
-    assert auto.bytes_per_pixel == 640 and 0 < auto.limit_bytes <= available_memory()
-    np.testing.assert_equal(MemoryBudget.from_config(bytes_per_pixel_channel=10, limit_gb=2, available_fraction=0.5,
-                                                     model_config={"decoder_channels": 1, "refine_channels": 1})
-                            .limit_bytes, 2 * 2**30)

@@ -238,3 +238,35 @@ def test_index_opens_from_the_file_system_in_chromium(run, tmp_path):
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert 'data-images="broken"' in body and f'data-images-loaded="{n_img - 1}/{n_img}"' in body, body
     assert "image(s) did not load" in dom
+
+
+def test_large_masked_tile_is_drawn_from_block_means_and_its_no_data_is_valid(tmp_path):
+    """A 2500 x 1800 px output with a NaN swath edge (nan_policy=mask): the report accepts NaN exactly
+    where the run says it masked, and draws the tile from 3 x 3 px means (no 2500 px arrays in matplotlib)."""
+    from stage2.report.figures import DISPLAY_MAX_SIDE, thumbnail
+    from stage2.tiles import write_tile
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    v1 = make_tile(inp / "scene.npz", 2500, 1800, seed=5)
+    v1[:, :, :600] = np.nan
+    np.savez(inp / "scene.npz", opt_v1=v1)
+    v2 = np.clip(v1 * 1.01, 0, 1)
+    meta = {"stage": "stage2_refined", "timestamp": "2026-01-01T00:00:00+00:00", "month": 6, "biome_code": 0,
+            "processing": {"masked_pixels": 2500 * 600}, "quality": {"ndvi_rmse": 0.01, "edge_preservation": 0.99}}
+    write_tile(out, "scene", v2, meta)
+    chk, index, lines = make_report(inp, out, out / "_report", max_tiles=5, recursive=False)
+    assert chk.problems == [] and chk.outputs == 1, lines
+    w, h = _png_size(out / "_report" / "tiles" / "scene.png")
+    assert w <= 2500 and h <= 1000
+
+    small, f = thumbnail(v2)
+    assert f == 3 and small.shape == (4, 833, 600) and max(small.shape[1:]) <= DISPLAY_MAX_SIDE
+    assert np.isnan(small[:, :, :200]).all() and np.isfinite(small[:, :, 200:]).all()
+    np.testing.assert_allclose(small[:, 10, 300], v2[:, 30:33, 900:903].mean(axis=(1, 2)), rtol=1e-6)
+
+    # NaN where the run did not say it masked is still an invalid output
+    meta["processing"]["masked_pixels"] = 2500 * 599
+    write_tile(out, "scene", v2, meta)
+    chk = check_run(inp, out, out / "_report", recursive=False)
+    assert [p.detail for p in chk.problems] == [
+        "scene.npz: NaN on 1500000 pixels (in some bands only: 0), but processing.masked_pixels is 1497500"]

@@ -5,13 +5,19 @@ would change its output. The batch sampler therefore groups tiles by their *padd
 next multiple of the patch size); within a batch each tile is reflect-padded to that size with
 the model's own `pad_to_multiple` and cropped back after the forward pass. A tile's result is
 thus independent of its neighbours, of the batch size and of the worker count.
+
+A tile above `window.above` enters the sampler as its windows (stage2.predict.windows): items of
+the window's size, bucketed with same-size tiles. Workers carry only references to windows; the
+main process cuts their pixels in `on_before_batch_transfer`, from the tile it read once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -19,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..model import pad_to_multiple, padded_size
 from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, load_tile, peek_shape, tile_name
-from .memory import TILE_HINT, MemoryBudget
+from .windows import Grid, Window, WindowRef, WindowSettings, WindowSource, grid_for
 
 
 @dataclass
@@ -28,13 +34,32 @@ class Batch:
 
     tiles: list[Tile]
     failures: list[TileFailure]
-    x: torch.Tensor | None = None         # (B, 4, Hp, Wp) float32, reflect-padded
+    x: torch.Tensor | None = None         # (B, 4, Hp, Wp) float32, reflect-padded: the tiles, then the windows
     month: torch.Tensor | None = None     # (B,) long, 1-12
     biome: torch.Tensor | None = None     # (B,) long, 0-15
     sizes: list[tuple[int, int]] = field(default_factory=list)
+    refs: list[WindowRef] = field(default_factory=list)     # windows to cut (main process)
+    windows: list[Window] = field(default_factory=list)     # ... and once cut
+    progress: float = 0.0                 # tiles this batch completes: 1 per tile, 1/n per window of n
 
     def __len__(self) -> int:
         return len(self.tiles) + len(self.failures)
+
+    @property
+    def names(self) -> list[str]:
+        """One name per row of x (for log lines)."""
+        return [t.name for t in self.tiles] + [w.name for w in self.windows]
+
+    def add_windows(self, windows: list[Window], multiple: int) -> None:
+        """Append the windows' pixels (reflect-padded like tiles) after the tiles' rows."""
+        self.windows = windows
+        if not windows:
+            return
+        x = torch.cat([pad_to_multiple(torch.from_numpy(w.array).unsqueeze(0), multiple) for w in windows])
+        month, biome = _ints([w.tile.month for w in windows]), _ints([w.tile.biome for w in windows])
+        parts = [(self.x, x), (self.month, month), (self.biome, biome)]
+        self.x, self.month, self.biome = (b if a is None else torch.cat((a, b)) for a, b in parts)
+        self.sizes += [tuple(w.array.shape[1:]) for w in windows]
 
     def pin_memory(self) -> Batch:
         if self.x is not None:
@@ -49,27 +74,36 @@ class Batch:
         return self
 
 
+def _ints(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+class Item(NamedTuple):
+    """One sampler item: a whole tile (window None) or window `window` of the tile's `of` windows."""
+
+    file: int
+    window: int | None = None
+    of: int = 1
+
+
 class TileDataset(Dataset):
-    """Reads and validates one tile per index; a bad tile becomes a TileFailure, never an exception.
+    """Reads and validates one tile per item (a bad tile becomes a TileFailure, never an exception);
+    a window item gives its WindowRef, cut later in the main process."""
 
-    A tile too large for the memory budget fails from its header alone, before it is read.
-    """
-
-    def __init__(self, files: Sequence[Path], input_dir: Path, budget: MemoryBudget, multiple: int) -> None:
+    def __init__(self, files: Sequence[Path], input_dir: Path, items: Sequence[Item], nan_policy: str) -> None:
         self.files = list(files)
         self.input_dir = Path(input_dir)
-        self.budget = budget
-        self.multiple = multiple
+        self.items = list(items)
+        self.nan_policy = nan_policy
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> Tile | TileFailure:
-        path = self.files[index]
-        reason = self.budget.too_large(peek_shape(path), self.multiple)
-        if reason is not None:
-            return TileFailure(tile_name(path, self.input_dir), path, reason, TILE_HINT)
-        return load_tile(path, self.input_dir)
+    def __getitem__(self, index: int) -> Tile | TileFailure | WindowRef:
+        item = self.items[index]
+        if item.window is not None:
+            return WindowRef(item.file, item.window, item.of)
+        return load_tile(self.files[item.file], self.input_dir, nan_policy=self.nan_policy)
 
 
 def bucket_key(shape: tuple[int, ...] | None, multiple: int) -> Hashable:
@@ -79,22 +113,33 @@ def bucket_key(shape: tuple[int, ...] | None, multiple: int) -> Hashable:
     return padded_size(shape[1], shape[2], multiple)
 
 
+# A windowed tile's batches go to one rank, and a batch holding windows of two tiles ties both to
+# that rank. So that such ties cannot chain a whole bucket of windowed tiles onto one rank, a batch
+# is closed early where a new windowed tile begins once this many batches are tied together:
+# at most one part-filled batch per 32 (3 % of a GPU's batches), and ranks get units to balance.
+UNIT_BATCHES = 32
+
+
 class SizeBucketBatchSampler(Sampler[list[int]]):
     """Batches of indices that share a bucket key, split across ranks with no padding duplicates.
 
     Lightning's DistributedSampler pads the index list so every rank gets the same count, which
-    would process some tiles twice. Here whole batches are dealt round-robin to the ranks: every
-    tile is in exactly one batch on exactly one rank (ranks may get one batch more or less).
+    would process some tiles twice. Here batches are dealt to the ranks whole: every item is in
+    exactly one batch on exactly one rank. Batches holding windows of the same tile (same `groups`
+    value) go to one rank together, so a windowed tile is read and assembled in one process. The
+    batches are the same whatever the number of ranks, so outputs are identical to one process's.
     """
 
-    def __init__(self, keys: Sequence[Hashable], batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, keys: Sequence[Hashable], batch_size: int, rank: int = 0, world_size: int = 1,
+                 groups: Sequence[Hashable | None] | None = None, unit_batches: int = UNIT_BATCHES) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        groups: dict[Hashable, list[int]] = {}
+        groups = [None] * len(keys) if groups is None else groups
+        buckets: dict[Hashable, list[int]] = {}
         for i, k in enumerate(keys):
-            groups.setdefault(k, []).append(i)
-        batches = [idx[i:i + batch_size] for idx in groups.values() for i in range(0, len(idx), batch_size)]
-        self.batches = batches[rank::world_size]
+            buckets.setdefault(k, []).append(i)
+        batches = [b for idx in buckets.values() for b in _bucket_batches(idx, batch_size, groups, unit_batches)]
+        self.batches = deal(batches, groups, world_size)[rank]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -103,18 +148,73 @@ class SizeBucketBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def collate(items: list[Tile | TileFailure], multiple: int) -> Batch:
-    """Stack the good tiles of one bucket, each reflect-padded to the bucket's size."""
+def _bucket_batches(idx: list[int], batch_size: int, groups: Sequence[Hashable | None],
+                    unit_batches: int) -> list[list[int]]:
+    """Full batches in order, except one closed early where a windowed tile begins after
+    `unit_batches` batches tied together (see UNIT_BATCHES)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tied, last = 0, None       # batches tied since the last break; the last windowed tile seen
+    for i in idx:
+        g = groups[i]
+        if g is not None and g != last:
+            if current and tied + 1 >= unit_batches:
+                batches.append(current)
+                current, tied = [], 0
+            last = g
+        current.append(i)
+        if len(current) == batch_size:
+            batches.append(current)
+            current, tied = [], tied + 1
+    return batches + ([current] if current else [])
+
+
+def deal(batches: list[list[int]], groups: Sequence[Hashable | None], world: int) -> list[list[list[int]]]:
+    """The batches of each rank, in their global order.
+
+    Batches that share a group (a windowed tile) form one unit; each unit goes to the rank with the
+    fewest items so far (the lowest rank on ties), so a rank that took a large tile takes the
+    next small ones later. With no groups and full batches this is plain round-robin.
+    """
+    units: list[list[list[int]]] = []
+    unit_of: dict[Hashable, int] = {}
+    for batch in batches:
+        # A tile's windows are consecutive in one bucket: a batch continues at most the latest unit.
+        unit = max((unit_of[g] for g in _groups(batch, groups) if g in unit_of), default=None)
+        if unit is not None:
+            units[unit].append(batch)
+        else:
+            unit = len(units)
+            units.append([batch])
+        for g in _groups(batch, groups):
+            unit_of[g] = unit
+    per_rank: list[list[list[int]]] = [[] for _ in range(world)]
+    load = [0] * world
+    for unit in units:
+        rank = min(range(world), key=lambda r: (load[r], r))
+        per_rank[rank] += unit
+        load[rank] += sum(len(b) for b in unit)
+    return per_rank
+
+
+def _groups(batch: list[int], groups: Sequence[Hashable | None]) -> set[Hashable]:
+    return {groups[i] for i in batch if groups[i] is not None}
+
+
+def collate(items: list[Tile | TileFailure | WindowRef], multiple: int) -> Batch:
+    """Stack the good tiles of one bucket, each reflect-padded to the bucket's size; windows stay references."""
     tiles = [t for t in items if isinstance(t, Tile)]
     failures = [t for t in items if isinstance(t, TileFailure)]
-    batch = Batch(tiles=tiles, failures=failures)
+    refs = [t for t in items if isinstance(t, WindowRef)]
+    batch = Batch(tiles=tiles, failures=failures, refs=refs,
+                  progress=len(tiles) + len(failures) + sum(1 / r.of for r in refs))
     if tiles:
         padded = [pad_to_multiple(torch.from_numpy(t.array).unsqueeze(0), multiple) for t in tiles]
         if len({p.shape for p in padded}) != 1:  # the sampler guarantees one size; guard anyway
             raise RuntimeError(f"mixed padded sizes in one batch: {[p.shape for p in padded]}")
         batch.x = torch.cat(padded)
-        batch.month = torch.tensor([t.month for t in tiles], dtype=torch.long)
-        batch.biome = torch.tensor([t.biome for t in tiles], dtype=torch.long)
+        batch.month = _ints([t.month for t in tiles])
+        batch.biome = _ints([t.biome for t in tiles])
         batch.sizes = [tuple(t.array.shape[1:]) for t in tiles]
     return batch
 
@@ -125,7 +225,7 @@ class _Collate:
     def __init__(self, multiple: int) -> None:
         self.multiple = multiple
 
-    def __call__(self, items: list[Tile | TileFailure]) -> Batch:
+    def __call__(self, items: list[Tile | TileFailure | WindowRef]) -> Batch:
         return collate(items, self.multiple)
 
 
@@ -133,33 +233,59 @@ class TileDataModule(L.LightningDataModule):
     """Owns the tile list, the size-bucketing sampler and the DataLoader for `trainer.predict`."""
 
     def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
-                 pin_memory: bool, patch_size: int, budget: MemoryBudget) -> None:
+                 pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any]) -> None:
         super().__init__()
-        self.budget = budget
         self.files = list(files)
         self.input_dir = Path(input_dir)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.patch_size = int(patch_size)
-        self._keys: list[Hashable] | None = None
+        self.nan_policy = str(nan_policy)
+        self.window = WindowSettings(**window)
+        self._plan: tuple[list[Item], list[Hashable], dict[int, Grid]] | None = None
+        self._source: WindowSource | None = None
         # With fewer batches than devices some ranks get none; that is fine (see TileWriter.setup).
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
+    def plan(self) -> tuple[list[Item], list[Hashable], dict[int, Grid]]:
+        """Items, their bucket keys and the windowed tiles' grids, from the NPZ headers (no pixel data is read)."""
+        if self._plan is None:
+            items, keys, grids = [], [], {}
+            for i, f in enumerate(self.files):
+                shape = peek_shape(f)
+                key = bucket_key(shape, self.patch_size)
+                grid = None if key == "invalid" else grid_for(shape, self.window, self.patch_size)
+                if grid is None:
+                    items.append(Item(i))
+                    keys.append(key)
+                    continue
+                grids[i] = grid
+                items += [Item(i, k, grid.count) for k in range(grid.count)]
+                keys += [padded_size(grid.win_h, grid.win_w, self.patch_size)] * grid.count
+            self._plan = items, keys, grids
+        return self._plan
+
     def bucket_keys(self) -> list[Hashable]:
-        """Padded sizes from the NPZ headers (no pixel data is read)."""
-        if self._keys is None:
-            self._keys = [bucket_key(peek_shape(f), self.patch_size) for f in self.files]
-        return self._keys
+        """One key per item: padded sizes from the NPZ headers."""
+        return self.plan()[1]
+
+    def sampler(self, rank: int, world: int) -> SizeBucketBatchSampler:
+        items, keys, _ = self.plan()
+        groups = [it.file if it.window is not None else None for it in items]
+        return SizeBucketBatchSampler(keys, self.batch_size, rank, world, groups)
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
-        sampler = SizeBucketBatchSampler(self.bucket_keys(), self.batch_size, rank, world)
+        items, _, grids = self.plan()
+        sampler = self.sampler(rank, world)
+        load = partial(load_tile, input_dir=self.input_dir, nan_policy=self.nan_policy)
+        self._source = WindowSource(self.files, grids, load, partial(tile_name, input_dir=self.input_dir))
         workers = min(self.num_workers, max(len(sampler), 0))
         return DataLoader(
-            TileDataset(self.files, self.input_dir, self.budget, self.patch_size),
+            TileDataset(self.files, self.input_dir, items, self.nan_policy),
             batch_sampler=sampler,
             collate_fn=_Collate(self.patch_size),
             num_workers=workers,
@@ -168,6 +294,15 @@ class TileDataModule(L.LightningDataModule):
             persistent_workers=False,
         )
 
-    def tiles_on_rank(self, rank: int, world: int) -> int:
-        sampler = SizeBucketBatchSampler(self.bucket_keys(), self.batch_size, rank, world)
-        return sum(len(b) for b in sampler.batches)
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Main process: cut the batch's windows from their tiles (each tile read once, at its first window)."""
+        if batch.refs:
+            taken = [self._source.take(ref) for ref in batch.refs]
+            batch.failures += [t for t in taken if isinstance(t, TileFailure)]
+            batch.add_windows([t for t in taken if isinstance(t, Window)], self.patch_size)
+        return batch
+
+    def tiles_on_rank(self, rank: int, world: int) -> float:
+        """Tiles this rank completes (a windowed tile's windows are all on one rank)."""
+        items = self.plan()[0]
+        return sum(1 / items[i].of for b in self.sampler(rank, world).batches for i in b)

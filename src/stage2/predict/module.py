@@ -1,4 +1,4 @@
-"""The LightningModule for prediction: one padded batch in, one cropped opt_v2 per tile out.
+"""The LightningModule for prediction: one padded batch in, one cropped opt_v2 per tile (or window) out.
 
 Also owns the CUDA out-of-memory policy (SPEC 5): split the batch in halves down to one tile,
 and run a tile that still does not fit on the CPU with the same weights; and, on the CPU, runs a
@@ -28,7 +28,7 @@ class Prediction:
     """predict_step's result, consumed by the writer."""
 
     batch: Batch
-    outputs: list[np.ndarray] = field(default_factory=list)    # float32 (4, H, W) per good tile
+    outputs: list[np.ndarray] = field(default_factory=list)    # float32 (4, H, W) per good tile, then per window
     cpu_fallback: list[bool] = field(default_factory=list)
     model_s: float = 0.0                                         # model time of this batch
     device: str = "cpu"
@@ -159,7 +159,7 @@ class Stage2Module(L.LightningModule):
         if batch.x is None:
             return pred
         start = time.perf_counter()
-        out, pred.cpu_fallback = self._run(batch.x, batch.month, batch.biome, [t.name for t in batch.tiles])
+        out, pred.cpu_fallback = self._run(batch.x, batch.month, batch.biome, batch.names)
         out = out.float().cpu().numpy()       # the copy synchronises, so model_s is real time
         pred.model_s = time.perf_counter() - start
         pred.outputs = [out[i, :, :h, :w] for i, (h, w) in enumerate(batch.sizes)]

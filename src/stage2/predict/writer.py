@@ -9,6 +9,10 @@ DataModule arrive on the same road and are logged as JSON lines.
 A write that fails because of the output folder itself (disk full, read-only, gone: see
 stage2.runtime.FOLDER_ERRNOS) is raised at once, so the run stops (exit 3) instead of computing
 tiles it cannot write; any other write error fails that tile alone.
+
+Windows of a large tile are blended into its accumulator in the main thread as they arrive (in
+order, so the sum is the same in every run); the tile is written once, when its last window is in.
+A run killed before that leaves nothing of the tile on disk.
 """
 
 from __future__ import annotations
@@ -19,20 +23,34 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..runtime import folder_problem, uses_amp
-from ..tiles import FAILURES_FILE, output_metadata, remove_stale_temporaries, write_tile
+from ..tiles import FAILURES_FILE, Tile, output_metadata, remove_stale_temporaries, write_tile
 from .module import Prediction
 from .summary import FIRST_FAILURES, TileRecord
+from .windows import Assembler, whole_tile
 
 log = logging.getLogger("stage2")
+
+
+@dataclass
+class Output:
+    """One tile's finished opt_v2 (a whole tile, or a windowed tile's last window just blended in)."""
+
+    tile: Tile
+    opt_v2: np.ndarray
+    cpu_fallback: bool
+    model_s: float              # this tile's share of model time
+    windows: dict[str, Any]     # `processing.windows`
 
 
 class TileWriter(BasePredictionWriter):
@@ -48,6 +66,7 @@ class TileWriter(BasePredictionWriter):
         self.failures: list[dict[str, str]] = []
         self.batch_marks: list[tuple[float, int]] = []    # (time, tiles) at each batch end
         self.model_s = 0.0
+        self.assembler = Assembler()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._slots: threading.BoundedSemaphore | None = None
@@ -73,18 +92,20 @@ class TileWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Prediction,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.batch_marks.append((time.perf_counter(), len(prediction.outputs)))
+        self.batch_marks.append((time.perf_counter(), prediction.batch.progress))
         self.model_s += prediction.model_s
         for failure in prediction.batch.failures:
             self._record_failure(failure.path, failure.reason, failure.hint)
         self._raise_write_errors()
-        if not prediction.outputs:
+        outputs = self._finished(prediction)
+        if not outputs:
             return
         if self.threads == 0:
-            self._write_batch(prediction)   # inline: on few cores a writer thread only steals from torch
+            # inline: on few cores a writer thread only steals from torch
+            self._write_outputs(outputs, prediction.device)
         else:
             self._slots.acquire()       # bounded: at most 2 x threads batches wait in memory
-            fut = self._pool.submit(self._write_batch, prediction)
+            fut = self._pool.submit(self._write_outputs, outputs, prediction.device)
             fut.add_done_callback(lambda _: self._slots.release())
             self._futures.append(fut)
             self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
@@ -120,28 +141,37 @@ class TileWriter(BasePredictionWriter):
             self.failures.append(entry)
         log.warning("failed: %s: %s (%s)", path, reason, hint)
 
-    def _write_batch(self, pred: Prediction) -> None:
-        tiles = pred.batch.tiles
-        per_tile_ms = 1000.0 * pred.model_s / max(len(tiles), 1)
+    def _finished(self, pred: Prediction) -> list[Output]:
+        """The batch's whole tiles, and the windowed tiles whose last window this batch brought."""
+        n, share = len(pred.batch.tiles), pred.model_s / max(len(pred.outputs), 1)
+        done = [Output(t, y, fb, share, whole_tile(y.shape))
+                for t, y, fb in zip(pred.batch.tiles, pred.outputs[:n], pred.cpu_fallback[:n], strict=True)]
+        for asm in self.assembler.add(pred.batch.windows, pred.outputs[n:], share, pred.cpu_fallback[n:]):
+            done.append(Output(asm.tile, asm.result(), asm.cpu_fallback, asm.model_s, asm.grid.describe()))
+        return done
+
+    def _write_outputs(self, outputs: list[Output], device: str) -> None:
         stamp = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
-        for tile, out, fallback in zip(tiles, pred.outputs, pred.cpu_fallback, strict=True):
+        for o in outputs:
+            tile = o.tile
             try:
-                q = None
-                if self.quality:
-                    from ..quality import tile_quality
-                    q = tile_quality(tile.array, out)
+                q = self._quality(tile, o.opt_v2)
+                if tile.nodata is not None:
+                    o.opt_v2[:, tile.nodata] = np.nan      # no data in, no data out (SPEC 9)
                 processing = {
                     **self.processing,
                     "input_file": str(tile.path),
                     **tile.source,
-                    "device": "cpu" if fallback else pred.device,
-                    "processing_time_ms": round(per_tile_ms, 3),
-                    "cpu_fallback": bool(fallback),
+                    "device": "cpu" if o.cpu_fallback else device,
+                    "processing_time_ms": round(1000.0 * o.model_s, 3),
+                    "cpu_fallback": bool(o.cpu_fallback),
                     "clipped_values": tile.clipped,
+                    "masked_pixels": tile.masked,
+                    "windows": o.windows,
                 }
                 meta = output_metadata(tile.meta, processing=processing, defaults=tile.defaults, quality=q,
                                        timestamp=stamp)
-                write_tile(self.output_dir, tile.name, out, meta, create=False)
+                write_tile(self.output_dir, tile.name, o.opt_v2, meta, create=False)
             except Exception as e:
                 if folder_problem(e):
                     raise           # the folder, not this tile: the run stops (exit 3)
@@ -149,10 +179,18 @@ class TileWriter(BasePredictionWriter):
                                      "rename the tile or its sub-folder if the name is the problem, "
                                      "else report it to the stage2 maintainers")
                 continue
-            rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(fallback),
+            rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(o.cpu_fallback),
                              q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None)
             with self._lock:
                 self.records.append(rec)
+
+    def _quality(self, tile: Tile, opt_v2: np.ndarray) -> dict[str, float | None] | None:
+        """Quality of the valid pixels (masked ones are filled values, not data)."""
+        if not self.quality:
+            return None
+        from ..quality import tile_quality
+
+        return tile_quality(tile.array, opt_v2, valid=None if tile.nodata is None else ~tile.nodata)
 
     # ------------------------------------------------------------------ figures
     def steady_tiles_per_s(self) -> float:

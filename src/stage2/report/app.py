@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 
 from .. import CONF_DIR
@@ -44,8 +45,10 @@ def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
     n = 0
     for row in worst_first(chk.rows)[:max_tiles]:
         try:
-            v1 = read_tile(chk.input_paths[row.name]).array
-            v2 = read_output(chk.output_dir / f"{row.name}.npz")
+            tile = read_tile(chk.input_paths[row.name], nan_policy="mask")
+            v1, v2 = tile.array, read_output(chk.output_dir / f"{row.name}.npz")
+            if tile.nodata is not None:
+                v1[:, tile.nodata] = np.nan        # draw no data as no data, not as its fill
         except (TileError, OSError, KeyError, ValueError) as e:
             chk.notes.append(f"no figure for {row.name}: {e}")
             continue

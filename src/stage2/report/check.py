@@ -208,13 +208,29 @@ def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | Non
     if input_shape is not None and len(input_shape) == 3 and tuple(v2.shape[1:]) != tuple(input_shape[1:]):
         raise OutputInvalid(f"{npz.name}: {OUTPUT_KEY} is {v2.shape[1]}x{v2.shape[2]} px, "
                             f"the input is {input_shape[1]}x{input_shape[2]}")
-    finite = np.isfinite(v2)
-    if not finite.all():
-        raise OutputInvalid(f"{npz.name}: {int(v2.size - finite.sum())} NaN/Inf values")
-    lo, hi = float(v2.min()), float(v2.max())
+    _check_no_data(npz.name, v2, meta)
+    lo, hi = float(np.fmin.reduce(v2, axis=None)), float(np.fmax.reduce(v2, axis=None))
     if lo < 0 or hi > 1:
         raise OutputInvalid(f"{npz.name}: values in [{lo:.4g}, {hi:.4g}], outside [0, 1]")
     return meta, v2
+
+
+def _check_no_data(name: str, v2: np.ndarray, meta: dict[str, Any]) -> None:
+    """No Inf; NaN only on whole pixels, exactly as many as the run masked (nan_policy=mask, SPEC 9)."""
+    finite = np.isfinite(v2)
+    if finite.all():
+        return
+    proc = meta.get("processing")
+    masked = proc.get("masked_pixels") if isinstance(proc, dict) else None
+    masked = masked if isinstance(masked, int) and not isinstance(masked, bool) else 0
+    nan = np.isnan(v2)
+    bad = int(v2.size - finite.sum())
+    if not masked or bad != int(nan.sum()):
+        raise OutputInvalid(f"{name}: {bad} NaN/Inf values")
+    pixels = nan.any(axis=0)
+    if not nan.all(axis=0)[pixels].all() or int(pixels.sum()) != masked:
+        raise OutputInvalid(f"{name}: NaN on {int(pixels.sum())} pixels (in some bands only: "
+                            f"{int((pixels & ~nan.all(axis=0)).sum())}), but processing.masked_pixels is {masked}")
 
 
 def _quality_of(meta: dict[str, Any], v2: np.ndarray, input_path: Path) -> tuple[dict[str, Any], str]:

@@ -7,6 +7,7 @@ saved. matplotlib is imported here only: `import stage2` stays light.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,43 @@ RGB_GAIN = 2.0          # the guide's display stretch: reflectance x 2, clipped 
 DARK = 0.1              # a tile whose x2 display has its 99th percentile below this looks black
 DPI = 100
 BAD = "#b00020"         # below-target red, shared with the HTML page
+# Largest side of the arrays handed to matplotlib. A panel is about 420 px wide at DPI, so larger tiles
+# are block-averaged first: imshow of a 10,000 px tile would resample 10^8 pixels through float RGBA
+# copies (3 GB) for a picture of the same size.
+DISPLAY_MAX_SIDE = 1024
+
+
+def thumbnail(opt: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> tuple[np.ndarray, int]:
+    """A (C, H, W) tile as block means of f x f pixels, at most `max_side` px a side, and f.
+
+    NaN (no data) is left out of each mean; a block of no data stays NaN. Rows and columns past
+    the last whole block are dropped (fewer than f px).
+    """
+    h, w = opt.shape[1:]
+    f = math.ceil(max(h, w) / max_side)
+    if f == 1:
+        return opt, 1
+    hh, ww = h // f * f, w // f * f
+    out = np.empty((opt.shape[0], hh // f, ww // f), dtype=np.float32)
+    for c, band in enumerate(opt):
+        blocks = band[:hh, :ww].reshape(hh // f, f, ww // f, f)
+        valid = np.count_nonzero(~np.isnan(blocks), axis=(1, 3))
+        total = np.nansum(blocks, axis=(1, 3), dtype=np.float64)
+        out[c] = np.where(valid > 0, total / np.maximum(valid, 1), np.nan)
+    return out, f
 
 
 def rgb(opt: np.ndarray, gain: float = RGB_GAIN) -> np.ndarray:
-    """(H, W, 3) display image of a (4, H, W) tile as the guide makes it: R=B04, G=B03, B=B02, x2, clipped."""
+    """(H, W, 3) display image of a (4, H, W) tile as the guide makes it: R=B04, G=B03, B=B02, x2, clipped.
+
+    With no-data (NaN) pixels: (H, W, 4), transparent there.
+    """
     opt = np.asarray(opt, dtype=np.float32)
-    return np.clip(np.stack([opt[2], opt[1], opt[0]], axis=-1) * gain, 0.0, 1.0)
+    img = np.clip(np.stack([opt[2], opt[1], opt[0]], axis=-1) * gain, 0.0, 1.0)
+    nodata = np.isnan(img).any(axis=-1)
+    if not nodata.any():
+        return img
+    return np.concatenate([np.nan_to_num(img), (~nodata)[..., None].astype(np.float32)], axis=-1)
 
 
 def display_gain(v1: np.ndarray) -> float:
@@ -30,8 +62,8 @@ def display_gain(v1: np.ndarray) -> float:
 
     Taken from opt_v1 alone and used for both panels, so they stay comparable.
     """
-    p99 = float(np.percentile(np.asarray(v1)[:3], 99))
-    if p99 * RGB_GAIN >= DARK or p99 <= 0:
+    p99 = float(np.nanpercentile(np.asarray(v1)[:3], 99))
+    if p99 * RGB_GAIN >= DARK or not p99 > 0:
         return RGB_GAIN
     return 0.9 / p99
 
@@ -45,21 +77,27 @@ def _metric_text(rmse: float | None, edge: float | None) -> str:
 
 def tile_figure(path: Path, name: str, v1: np.ndarray, v2: np.ndarray, month: object, biome: object,
                 rmse: float | None, edge: float | None, below: bool) -> Path:
-    """Write `opt_v1 RGB | opt_v2 RGB | NDVI(opt_v2) - NDVI(opt_v1)` for one tile to `path`."""
+    """Write `opt_v1 RGB | opt_v2 RGB | NDVI(opt_v2) - NDVI(opt_v1)` for one tile to `path`.
+
+    A tile larger than DISPLAY_MAX_SIDE is drawn from block means (the title says by how much);
+    no-data (NaN) pixels are transparent.
+    """
     from matplotlib.figure import Figure
 
     h, w = v1.shape[1:]
+    (v1, f), (v2, _) = thumbnail(v1), thumbnail(v2)
     diff = (ndvi(v2) - ndvi(v1)).astype(np.float32)
     # Symmetric scale: at least the NDVI target, so a tile within target looks pale, and wide
     # enough for its largest changes (99.5th percentile, so one hot pixel does not wash it out).
-    lim = max(NDVI_RMSE_TARGET, float(np.percentile(np.abs(diff), 99.5)))
+    lim = max(NDVI_RMSE_TARGET, float(np.nan_to_num(np.nanpercentile(np.abs(diff), 99.5))))
 
     panel_w = 4.2 * min(max(w / h, 0.5), 2.0)            # keep very long tiles readable
     fig = Figure(figsize=(2 * panel_w + 5.2, 5.0), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.18]})
     gain = display_gain(v1)
     axes[0].imshow(rgb(v1, gain), interpolation="nearest")
-    axes[0].set_title(f"opt_v1 (Stage 1)  {h}x{w} px", fontsize=11)
+    shown = f", shown as {f}x{f} px means" if f > 1 else ""
+    axes[0].set_title(f"opt_v1 (Stage 1)  {h}x{w} px{shown}", fontsize=11)
     axes[1].imshow(rgb(v2, gain), interpolation="nearest")
     axes[1].set_title("opt_v2 (Stage 2)", fontsize=11)
     im = axes[2].imshow(diff, cmap="BrBG", vmin=-lim, vmax=lim, interpolation="nearest")
