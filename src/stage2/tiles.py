@@ -252,6 +252,9 @@ def read_sidecar(npz_path: Path) -> tuple[dict[str, Any], int, int, list[str]]:
         except UnicodeDecodeError as e:
             raise TileError(f"sidecar {js.name} is not UTF-8 text ({e.reason})",
                             "write the sidecar as UTF-8 JSON") from None
+        except OSError as e:
+            raise TileError(f"cannot read the sidecar {js.name}: {e.strerror}",
+                            "check the sidecar's permissions") from None
         except json.JSONDecodeError as e:
             raise TileError(f"sidecar {js.name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                             "fix the JSON syntax or delete the sidecar to use month 6, biome 0") from None
