@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tile(path: Path, h: int = 120, w: int = 120, seed: int = 0, meta: dict | None = None,
-              dtype=np.float32) -> np.ndarray:
+              dtype: Any = np.float32) -> np.ndarray:
     """A smooth, field-like random opt_v1 tile in [0, 1] (and its sidecar when meta is given)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
@@ -33,7 +35,7 @@ def make_tile(path: Path, h: int = 120, w: int = 120, seed: int = 0, meta: dict 
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300, module: str = "stage2.predict",
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m stage2.predict ...` the way a user types it."""
+    """Run `python -m stage2.predict ...` the way a user types it (for what needs its own process)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
@@ -70,3 +72,43 @@ def remount(target: Path, options: str) -> None:
 def console_lines(err: str) -> list[str]:
     """The lines stage2 itself printed on stderr (Lightning's INFO notes and progress bars aside)."""
     return [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("stage2") and "tile/s" not in ln]
+
+
+def compose_app(config_name: str, overrides: Sequence[str] = (), run_dir: Path | None = None,
+                **values: Any) -> Any:
+    """conf/<config_name>.yaml composed as `python -m stage2.<command>` composes it, ready for the
+    app's `run(cfg)` in this process (no interpreter start, no torch/terratorch import per test).
+
+    Like stage2.cli and lightning-hydra-template's `cfg_train`: compose with the `hydra` node, fill
+    `hydra.runtime.output_dir` (the run dir, `run_dir`), make it the current HydraConfig (which the
+    apps read for the run dir and the profile name) and return the task config without the `hydra`
+    node, as @hydra.main passes it. `values` are set on the composed config afterwards (paths go in
+    unparsed, as stage2-infer sets them). conftest's autouse fixture forgets the HydraConfig after
+    each test.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from stage2 import CONF_DIR
+    from stage2.runtime import register_resolvers
+
+    register_resolvers()          # predict.yaml's and report.yaml's ${stage2_aoi_dir:...}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with read_write(cfg), open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, str(value) if isinstance(value, Path) else value, merge=False)
+        cfg.hydra.mode = RunMode.RUN
+        cfg.hydra.runtime.output_dir = str((run_dir or Path.cwd()).absolute())
+    HydraConfig.instance().set_config(cfg)
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by stage2 (UTF-8)."""
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -5,11 +5,9 @@ import random
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import stage2
-from helpers import make_tile, run_cli
-from stage2.model import CONF_DIR
+from helpers import compose_app, make_tile, run_cli
 from stage2.predict.app import run
 
 
@@ -63,9 +61,8 @@ def _bad_checkpoints(tmp_path, tiny_model, tiny_ckpt):
 
 
 def _cfg(ckpt, inp, out):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("predict", overrides=[f"checkpoint={ckpt}", f"input_dir={inp}", f"output_dir={out}",
-                                             "hardware=cpu"])
+    return compose_app("predict", ["hardware=cpu"], out.parent / "run", checkpoint=ckpt, input_dir=inp,
+                       output_dir=out)
 
 
 def test_each_bad_checkpoint_is_one_clear_line_and_nothing_is_written(tmp_path, tiny_model, tiny_ckpt, capsys):
@@ -106,9 +103,13 @@ def test_no_tiles_is_a_run_error(tmp_path, tiny_ckpt, capsys, setup, words):
 
 def test_missing_input_dir_and_unset_checkpoint(tmp_path, tiny_ckpt, capsys):
     assert run(_cfg(tiny_ckpt, tmp_path / "nope", tmp_path / "out")) == 2
-    assert "input_dir" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    r = run_cli([f"input_dir={tmp_path}", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
-    assert r.returncode == 2 and "checkpoint is not set" in r.stderr and "Traceback" not in r.stderr
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2: error: input_dir {tmp_path / 'nope'} does not exist: point input_dir at the folder of Stage 1 tiles"]
+    assert not (tmp_path / "out").exists()
+    cfg = compose_app("predict", [f"input_dir={tmp_path}", f"output_dir={tmp_path / 'out'}"], tmp_path / "run")
+    assert run(cfg) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "stage2: error: checkpoint is not set: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file"]
 
 
 def test_verbose_shows_the_traceback(tmp_path, tiny_ckpt):
@@ -128,4 +129,5 @@ def test_lightning_ckpt_layout_loads(tmp_path, tiny_model):
     torch.save({"state_dict": state, "hyper_parameters": {"stage2_checkpoint": 1, "model_config": tiny_model.config},
                 "epoch": 3}, tmp_path / "last.ckpt")
     m = stage2.load_model(tmp_path / "last.ckpt")
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), tiny_model.state_dict().values(), strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), tiny_model.state_dict().values(),
+                                                 strict=True))

@@ -1,66 +1,185 @@
-"""The one error wrapper and its exit codes (SPEC 5): one console line per outcome, one meaning per code."""
+"""stage2.runtime: the one error wrapper and its exit codes, the atomic write, the run-level checks and the
+precision mapping every command shares (SPEC 4, 5)."""
+
+from __future__ import annotations
 
 import os
-import signal
-import typing
+from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from stage2.runtime import (
-    LIGHTNING_PRECISIONS,
+    EXIT_INTERRUPTED,
+    EXIT_RUN_ERROR,
     RunError,
-    RunStopped,
-    check_precision,
+    atomic_write,
+    atomic_write_text,
+    exit_with,
     guarded,
+    require_dir,
+    required,
+    resolve_accelerator,
+    resolve_precision,
     temporary_name,
-    temporary_owner,
+    uses_amp,
 )
 
 
-def _raise(e):
-    def run():
-        raise e
+def _raise(exc: BaseException):
+    def run() -> int:
+        raise exc
     return run
 
 
-@pytest.mark.parametrize("error,code,line", [
-    (RunError("output_dir /x is read-only: choose another"), 2, "stage2: error: output_dir /x is read-only"),
-    (RunStopped("disk full (No space left on device) writing to /x: ..."), 3, "stage2: stopped: disk full"),
-    (RuntimeError("boom\nsecond line"), 3, "stage2: stopped: unexpected RuntimeError: boom (traceback in"),
-    (KeyboardInterrupt(), 130, "stage2: interrupted"),
+# ---------------------------------------------------------------------------- guarded
+def test_guarded_returns_the_runs_exit_code(capsys):
+    assert guarded(lambda: 0) == 0
+    assert guarded(lambda: 1) == 1
+    assert capsys.readouterr() == ("", "")
+
+
+def test_run_error_is_one_stderr_line_and_exit_2(capsys):
+    outcome: dict = {}
+    code = guarded(_raise(RunError("input_dir /x does not exist: point it at the tiles")),
+                   OmegaConf.create({"verbose": False}), prog="stage2 report", outcome=outcome)
+    out, err = capsys.readouterr()
+    assert code == EXIT_RUN_ERROR == 2
+    assert err.splitlines() == ["stage2 report: error: input_dir /x does not exist: point it at the tiles"]
+    assert out == "" and "Traceback" not in err
+    assert outcome == {"error": "input_dir /x does not exist: point it at the tiles"}
+
+
+def test_verbose_lets_the_run_error_through_with_its_traceback(capsys):
+    with pytest.raises(RunError, match="bad folder"):
+        guarded(_raise(RunError("bad folder")), OmegaConf.create({"verbose": True}))
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_is_exit_130(capsys):
+    outcome: dict = {}
+    assert guarded(_raise(KeyboardInterrupt()), prog="stage2", outcome=outcome) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.splitlines() == ["stage2: interrupted"]
+    assert outcome == {"error": "interrupted"}
+
+
+def test_other_exceptions_are_not_swallowed():
+    """A bug is a bug: only RunError and Ctrl-C become exit codes."""
+    with pytest.raises(ZeroDivisionError):
+        guarded(lambda: 1 // 0)
+
+
+def test_exit_with_leaves_through_sys_exit_only_for_non_zero():
+    assert exit_with(0) == 0
+    with pytest.raises(SystemExit) as e:
+        exit_with(2)
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------- atomic_write
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    final = tmp_path / "a.json"
+    final.write_text("old")
+    assert atomic_write_text(final, "néw\n") == final
+    assert final.read_bytes() == "néw\n".encode()
+    assert _listing(tmp_path) == ["a.json"]
+
+
+def test_a_failing_writer_keeps_the_old_file_and_no_temporary(tmp_path):
+    final = tmp_path / "a.npz"
+    final.write_bytes(b"the old, complete file")
+    seen = []
+
+    def half_then_fail(f) -> None:
+        f.write(b"half of the new")
+        seen.append(Path(f.name))
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(final, half_then_fail)
+    assert final.read_bytes() == b"the old, complete file"
+    assert _listing(tmp_path) == ["a.npz"]
+    assert seen == [tmp_path / f".a.npz.{os.getpid()}.tmp"]      # it did write, beside the final file
+
+
+def test_ctrl_c_while_writing_leaves_no_temporary(tmp_path):
+    final = tmp_path / "new.json"
+
+    def interrupted(f) -> None:
+        f.write(b"{")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(final, interrupted)
+    assert _listing(tmp_path) == []
+
+
+def test_temporary_name_is_hidden_and_owned_by_this_process(tmp_path):
+    assert temporary_name(tmp_path / "t_01.npz") == tmp_path / f".t_01.npz.{os.getpid()}.tmp"
+
+
+# ---------------------------------------------------------------------------- run-level checks
+def test_require_dir_says_what_is_wrong_and_what_to_do(tmp_path):
+    assert require_dir(tmp_path, "input_dir", "hint") == tmp_path
+    missing = tmp_path / "nope"
+    with pytest.raises(RunError) as e:
+        require_dir(missing, "input_dir", "point input_dir at the folder of Stage 1 tiles")
+    assert str(e.value) == f"input_dir {missing} does not exist: point input_dir at the folder of Stage 1 tiles"
+    a_file = tmp_path / "f.npz"
+    a_file.write_bytes(b"")
+    with pytest.raises(RunError) as e:
+        require_dir(a_file, "output_dir", "pass output_dir=DIR")
+    assert str(e.value) == f"output_dir {a_file} is not a directory: pass output_dir=DIR"
+
+
+def test_required_names_the_key_to_pass():
+    cfg = OmegaConf.create({"truth_dir": "???", "input_dir": None, "output_dir": "", "seed_dir": "/t"})
+    for key in ("truth_dir", "input_dir", "output_dir"):
+        with pytest.raises(RunError) as e:
+            required(cfg, key, "the true optical tiles")
+        assert str(e.value) == f"{key} is not set: pass {key}=... (the true optical tiles)"
+    assert required(cfg, "seed_dir", "x") == "/t"
+
+
+# ---------------------------------------------------------------------------- precision and accelerator
+@pytest.mark.parametrize("value, on_gpu, expected", [
+    ("auto", False, "32-true"),                  # the CPU runs fp32, whatever the profile says
+    ("auto", True, "16-mixed"),                  # the profile's amp_precision on a GPU
+    (32, True, "32-true"), ("32", False, "32-true"), (16, True, "16-mixed"), ("bf16", True, "bf16-mixed"),
+    (" BF16 ", False, "bf16-mixed"), ("64", False, "64-true"),
+    ("16-mixed", True, "16-mixed"), ("bf16-true", True, "bf16-true"),       # Lightning strings pass through
 ])
-def test_each_outcome_is_one_line_and_its_own_exit_code(capsys, error, code, line):
-    outcome = {}
-    assert guarded(_raise(error), outcome=outcome) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(line), err
-    assert "Traceback" not in err[0] and outcome["error"]
+def test_resolve_precision(value, on_gpu, expected):
+    assert resolve_precision(value, on_gpu, "16-mixed") == expected
 
 
-def test_sigterm_is_an_interruption_not_a_kill(capsys):
-    before = signal.getsignal(signal.SIGTERM)
-
-    def run():
-        os.kill(os.getpid(), signal.SIGTERM)
-        return 0
-
-    assert guarded(run) == 130
-    assert capsys.readouterr().err.strip() == "stage2: interrupted"
-    assert signal.getsignal(signal.SIGTERM) is before        # restored after the command
+@pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_auto_bf16_profile_falls_back_to_fp16_where_the_gpu_lacks_bf16(monkeypatch, bf16_supported, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    assert resolve_precision("auto", True, "bf16-mixed") == expected
 
 
-def test_precisions_are_lightnings_own():
-    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR
-
-    assert set(LIGHTNING_PRECISIONS) == set(typing.get_args(_PRECISION_INPUT_STR))
-    for ok in ("auto", "32", "16", "bf16", "64", "bf16-mixed", " 16-MIXED "):
-        check_precision(ok)
-    with pytest.raises(RunError, match="precision=fp16 is not a precision"):
-        check_precision("fp16")
+def test_uses_amp_is_true_for_reduced_precision_only():
+    assert [uses_amp(p) for p in ("32-true", "64-true", "16-mixed", "bf16-mixed", "bf16-true")] == \
+        [False, False, True, True, True]
 
 
-def test_temporary_names_carry_their_owner(tmp_path):
-    assert temporary_owner(temporary_name(tmp_path / "a.npz")) == os.getpid()
-    assert temporary_owner(tmp_path / ".a.json.tmp") == 0              # an older stage2's, no pid
-    for user in (".notes.tmp", ".a.txt.12.tmp", "a.npz", ".a.npz.x1.tmp"):
-        assert temporary_owner(tmp_path / user) is None
+def test_accelerator_without_cuda(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = OmegaConf.create({"trainer": {"accelerator": "auto"}})
+    with caplog.at_level("WARNING", logger="stage2"):
+        assert resolve_accelerator(cfg) == "cpu"
+    assert "CUDA is not available" in caplog.text
+    cfg.trainer.accelerator = "gpu"
+    with pytest.raises(RunError, match="use hardware=cpu or trainer.accelerator=cpu"):
+        resolve_accelerator(cfg)
+    cfg.trainer.accelerator = "cpu"
+    assert resolve_accelerator(cfg) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg.trainer.accelerator = "auto"
+    assert resolve_accelerator(cfg) == "gpu"

@@ -1,4 +1,4 @@
-"""Never lose a tile: a corpus of bad tiles beside awkward good ones, run as a user runs it (SPEC 5)."""
+"""Never lose a tile: a corpus of bad tiles beside awkward good ones, through the real config (SPEC 5)."""
 
 import json
 import pickle
@@ -6,7 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from helpers import make_tile, run_cli
+from helpers import make_tile
+from stage2.predict.app import run
 from stage2.tiles import TileError, read_output, read_tile
 
 
@@ -135,14 +136,13 @@ def test_hints_say_what_to_do(tmp_path):
     assert "transpose" in hints["channels_last.npz"]
 
 
-def test_run_writes_every_good_tile_and_reports_every_bad_one(tmp_path, tiny_ckpt):
+def test_run_writes_every_good_tile_and_reports_every_bad_one(tmp_path, cfg_predict, capsys):
     inp, out = tmp_path / "aoi" / "in", tmp_path / "aoi" / "out"
     bad = build_bad(inp)
     good = build_good(inp)
     (inp / "a_folder.npz").mkdir()      # a directory that ends in .npz is ignored, not a crash
-    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu",
-                 "batch_size=3"], cwd=tmp_path)
-    assert r.returncode == 1, r.stderr[-3000:]
+    cfg_predict.input_dir, cfg_predict.output_dir, cfg_predict.batch_size = str(inp), str(out), 3
+    assert run(cfg_predict) == 1
 
     lines = [json.loads(x) for x in (out / "_stage2_failures.jsonl").read_text(encoding="utf-8").splitlines()]
     by_file = {json.loads(json.dumps(x))["file"]: x for x in lines}
@@ -168,12 +168,12 @@ def test_run_writes_every_good_tile_and_reports_every_bad_one(tmp_path, tiny_ckp
     s = json.loads((out / "_stage2_summary.json").read_text())
     assert (s["found"], s["processed"], s["failed"], s["clipped"]) == (len(bad) + len(good), len(good), len(bad), 1)
     assert s["metadata_defaults"] == 9 and len(s["first_failures"]) == 5
-    assert f"failed {len(bad)}" in r.stdout
+    assert f"failed {len(bad)}  ignored 1" in capsys.readouterr().out
 
     # a rerun retries only the failed tiles (they may have been fixed) and keeps the same exit code
     np.savez(inp / "nan.npz", opt_v1=_good())
-    r2 = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu"], cwd=tmp_path)
-    assert r2.returncode == 1
+    cfg_predict.batch_size = 4
+    assert run(cfg_predict) == 1
     s2 = json.loads((out / "_stage2_summary.json").read_text())
     assert (s2["skipped"], s2["processed"], s2["failed"]) == (len(good), 1, len(bad) - 1)
     assert (out / "nan.npz").is_file()

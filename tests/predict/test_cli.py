@@ -1,7 +1,8 @@
 """`stage2-infer` with the Stage 2 guide's flags, against `python -m stage2.predict` (SPEC 4).
 
-Run as a user types them, in subprocesses: `python -m stage2.cli` is what the `stage2-infer`
-console script calls (the script itself is only on PATH after a reinstall; checked when present).
+Most run in this process: `stage2.cli.main(argv)` is what the `stage2-infer` console script calls
+(after it, only a fast process exit). In subprocesses, as a user types them: the guide's
+`scripts/infer_stage2.py` path and the console script's `--help` (where it is installed).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, make_tile, run_cli
+from helpers import REPO, compose_app, make_tile
+from stage2 import cli
+from stage2.predict.app import run
 
 GUIDE_PROCESSING_KEYS = {"input_file", "checkpoint", "device", "use_amp", "processing_time_ms", "precision",
                          "batch_size", "model", "stage2_version", "cpu_fallback"}
@@ -29,8 +32,13 @@ def _tiles(inp: Path) -> None:
         make_tile(inp / f"tile_{i:02d}.npz", h, w, seed=10 + i, meta=meta)
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_cli([str(a) for a in args], cwd=cwd, timeout=timeout, module="stage2.cli")
+def _cli(args: list, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`stage2-infer ARGS` started in `cwd`, in this process: its exit code (output: capsys)."""
+    monkeypatch.chdir(cwd)
+    try:
+        return cli.main([str(a) for a in args])
+    except SystemExit as e:         # argparse: --help (0) and usage errors (2)
+        return int(e.code)
 
 
 def _comparable(js: dict) -> dict:
@@ -51,20 +59,21 @@ def _assert_same_outputs(a: Path, b: Path, n: int) -> None:
         assert _comparable(ja) == _comparable(jb), name
 
 
-def test_guide_flags_give_the_hydra_runs_outputs_and_skip_existing_works(tmp_path, tiny_ckpt):
+def test_guide_flags_give_the_hydra_runs_outputs_and_skip_existing_works(tmp_path, tiny_ckpt, monkeypatch, capsys,
+                                                                          restore_root_logger):
     inp = tmp_path / "stage1"
     _tiles(inp)
     hydra_out, cli_out = tmp_path / "out_hydra", tmp_path / "out_cli"
 
-    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={hydra_out}", "trainer.accelerator=cpu"],
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = compose_app("predict", ["trainer.accelerator=cpu"], tmp_path / "run", checkpoint=tiny_ckpt, input_dir=inp,
+                      output_dir=hydra_out)
+    assert run(cfg) == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    c = _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", cli_out, "--device", "cpu"],
-             cwd=elsewhere)
-    assert c.returncode == 0, c.stderr[-3000:]
-    assert "stage2 summary" in c.stdout
+    capsys.readouterr()
+    assert _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", cli_out, "--device", "cpu"],
+                elsewhere, monkeypatch) == 0
+    assert "stage2 summary" in capsys.readouterr().out
 
     _assert_same_outputs(hydra_out, cli_out, len(SIZES))
     js = json.loads((cli_out / "tile_01.json").read_text(encoding="utf-8"))
@@ -99,10 +108,9 @@ def test_guide_flags_give_the_hydra_runs_outputs_and_skip_existing_works(tmp_pat
     # --no_skip_existing rewrites every output; a YAML profile sets the batch size and the device.
     profile = tmp_path / "my_profile.yaml"
     profile.write_text("accelerator: cpu\nbatch_size: 3\nnum_workers: 0\n")
-    redo = _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", cli_out, "--no_skip_existing",
-                 "--config", profile, "--no_amp"], cwd=tmp_path)
-    assert redo.returncode == 0, redo.stderr[-3000:]
-    assert "nothing to do" not in redo.stdout
+    assert _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", cli_out, "--no_skip_existing",
+                 "--config", profile, "--no_amp"], tmp_path, monkeypatch) == 0
+    assert "nothing to do" not in capsys.readouterr().out
     assert np.array_equal(np.load(cli_out / "tile_00.npz")["opt_v2"], np.load(hydra_out / "tile_00.npz")["opt_v2"])
     js = json.loads((cli_out / "tile_03.json").read_text(encoding="utf-8"))
     assert (js["processing"]["batch_size"], js["processing"]["use_amp"], js["processing"]["precision"]) == \
@@ -111,36 +119,37 @@ def test_guide_flags_give_the_hydra_runs_outputs_and_skip_existing_works(tmp_pat
     assert (summary["processed"], summary["skipped"], summary["batch_size"]) == (len(SIZES), 0, 3)
 
 
-def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, tiny_ckpt):
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, tiny_ckpt, monkeypatch, capsys, restore_root_logger):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: --device cuda runs there")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)     # also where the suite has a GPU
     inp = tmp_path / "in"
     make_tile(inp / "a.npz", 32, 32)
-    r = _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", tmp_path / "out", "--device", "cuda"],
-             cwd=tmp_path)
-    assert r.returncode == 2
-    assert "CUDA is not available" in r.stderr and "--device cpu" in r.stderr
+    assert _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", tmp_path / "out", "--device", "cuda"],
+                tmp_path, monkeypatch) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("stage2: error: trainer.accelerator=gpu was asked for, but CUDA is not available")
+    assert "--device cpu" in line
     assert not (tmp_path / "out" / "a.npz").exists()
 
 
-def test_help_reads_like_the_guides_table(tmp_path):
-    r = _cli(["--help"], cwd=tmp_path, timeout=60)
-    assert r.returncode == 0
+def test_help_reads_like_the_guides_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")      # argparse wraps to the terminal; the same width in both processes
+    assert _cli(["--help"], tmp_path, monkeypatch) == 0
+    r = capsys.readouterr()
     for flag, override in [("--checkpoint", "checkpoint="), ("--input_dir", "input_dir="),
                            ("--output_dir", "output_dir="), ("--config", "hardware="),
                            ("--batch_size", "batch_size="), ("--device", "trainer.accelerator=gpu|cpu"),
                            ("--no_amp", "precision=32"), ("--no_skip_existing", "skip_existing=false")]:
-        line = next((ln for ln in r.stdout.splitlines() if ln.startswith(flag)), "")
+        line = next((ln for ln in r.out.splitlines() if ln.startswith(flag)), "")
         assert override in line, (flag, line)
-    assert "exit codes" in r.stdout and "lowvr" in r.stdout
+    assert "exit codes" in r.out and "lowvr" in r.out
     # The console script, where this checkout is installed (pip install -e .); same parser.
     script = shutil.which("stage2-infer") or str(Path(sys.executable).with_name("stage2-infer"))
     if Path(script).is_file():
         s = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        assert s.returncode == 0 and s.stdout == r.stdout
+        assert s.returncode == 0 and s.stdout == r.out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -150,19 +159,19 @@ def test_help_reads_like_the_guides_table(tmp_path):
     (["--device", "tpu"], "argument --device: invalid choice"),
     (["nonsense_key=1"], "Could not override 'nonsense_key'"),
 ])
-def test_bad_flags_exit_2_with_the_reason(tmp_path, args, message):
+def test_bad_flags_exit_2_with_the_reason(tmp_path, args, message, monkeypatch, capsys):
     profile = tmp_path / "bad.yaml"
     profile.write_text("accelerator: cpu\nbatchsize: 3\n")
     args = [str(profile) if a == "PROFILE" else a for a in args]
-    r = _cli(["--checkpoint", tmp_path / "x.pt", "--input_dir", tmp_path, "--output_dir", tmp_path / "o", *args],
-             cwd=tmp_path, timeout=60)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert "usage: stage2-infer" in r.stderr
+    code = _cli(["--checkpoint", tmp_path / "x.pt", "--input_dir", tmp_path, "--output_dir", tmp_path / "o", *args],
+                tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.startswith("usage: stage2-infer") and not (tmp_path / "o").exists()
 
 
 def test_flags_map_onto_the_same_composition():
     """Each flag is the override the help names; a YAML profile merges into `hardware`."""
-    from stage2 import cli
     from stage2.model import CONF_DIR
 
     assert cli.CONF_DIR.resolve() == CONF_DIR.resolve()

@@ -8,6 +8,8 @@ summary, one run dir, the right exit code.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, make_tile, run_cli
+from helpers import REPO, compose_app, make_tile, run_cli
+from stage2.predict.app import run
 
 SIZES = [(32, 32), (40, 48), (64, 56)]       # padded to 32x32, 48x48, 64x64: three buckets
 N_GOOD = 23
@@ -40,15 +43,17 @@ def _write_tiles(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def aoi(tmp_path_factory, tiny_ckpt):
-    """The tiles, and the outputs of a one-process run over them (the reference)."""
+    """The tiles, and the outputs of a one-process run over them (the reference, run in this process)."""
     root = tmp_path_factory.mktemp("ddp")
     inp = root / "stage1_outputs" / "big"
     names = _write_tiles(inp)
     ref = root / "reference"
-    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={ref}", *DDP[:2], f"batch_size={BATCH}"],
-                cwd=root)
-    assert r.returncode == 1, r.stderr[-3000:]        # the bad tile
-    return root, inp, names, ref, r.stdout.count("stage2 summary")
+    cfg = compose_app("predict", [*DDP[:2], f"batch_size={BATCH}"], root / "run", checkpoint=tiny_ckpt,
+                      input_dir=inp, output_dir=ref)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert run(cfg) == 1        # the bad tile
+    return root, inp, names, ref, stdout.getvalue().count("stage2 summary")
 
 
 def _bad_tile_is_on_rank_1(inp: Path, patch_size: int) -> bool:
@@ -78,7 +83,8 @@ def _assert_like_reference(out: Path, ref: Path, names: list[str]) -> dict:
 
 def test_two_processes_write_every_tile_once_identical_to_one(aoi, tiny_ckpt, tiny_model):
     root, inp, names, ref, summaries_printed = aoi
-    assert _bad_tile_is_on_rank_1(inp, tiny_model.patch_size)    # so rank 1 has a failure to report, and must not exit 1 itself
+    # so rank 1 has a failure to report, and must not exit 1 itself
+    assert _bad_tile_is_on_rank_1(inp, tiny_model.patch_size)
     out = root / "out_ddp"
     out.mkdir()
     (out / ".t_00.npz.tmp").write_bytes(b"half a file from a killed run")
@@ -95,7 +101,8 @@ def test_two_processes_write_every_tile_once_identical_to_one(aoi, tiny_ckpt, ti
     assert len(run_dirs) == 1, run_dirs
     logs = {p.name: p.read_text() for p in run_dirs[0].glob("*.log")}
     assert sorted(logs) == ["stage2_predict.log", "train_ddp_process_1.log"]
-    assert "GLOBAL_RANK: 1" in logs["train_ddp_process_1.log"] and "stage2 summary" not in logs["train_ddp_process_1.log"]
+    rank1 = logs["train_ddp_process_1.log"]
+    assert "GLOBAL_RANK: 1" in rank1 and "stage2 summary" not in rank1
     assert "processed 23" in logs["stage2_predict.log"]
     assert r.stdout.count("stage2 summary") == summaries_printed      # as often as one process prints it
 

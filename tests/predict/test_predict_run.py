@@ -1,12 +1,15 @@
-"""The whole run, as a user types it: `python -m stage2.predict ...` in a subprocess (SPEC 3, 4)."""
+"""The whole run (SPEC 3, 4): in this process through the composed conf/predict.yaml, and once as a user
+types it, `python -m stage2.predict ...` in a subprocess."""
 
 import json
+import logging
 
 import numpy as np
 import torch
 
 import stage2
-from helpers import make_tile, run_cli
+from helpers import compose_app, make_tile, run_cli
+from stage2.predict.app import run
 from stage2.tiles import read_output
 
 SPEC_PROCESSING_KEYS = {"input_file", "checkpoint", "device", "use_amp", "processing_time_ms", "precision",
@@ -26,13 +29,14 @@ def _aoi(tmp_path):
     return inp, sizes, metas
 
 
-def test_predict_writes_every_tile_equal_to_the_model_alone(tmp_path, tiny_ckpt):
+def test_predict_writes_every_tile_equal_to_the_model_alone(tmp_path, tiny_ckpt, cfg_predict, capsys):
     inp, sizes, metas = _aoi(tmp_path)
     out = tmp_path / "out"
-    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu",
-                 "batch_size=4", "precision=32"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "nothing to do" not in r.stdout and "stage2 summary" in r.stdout
+    cfg_predict.batch_size, cfg_predict.precision = 4, "32"
+    assert run(cfg_predict) == 0
+    stdout = capsys.readouterr().out
+    assert "nothing to do" not in stdout and "stage2 summary" in stdout
+    assert "found 7  processed 7  skipped 0  failed 0" in stdout
 
     model = stage2.load_model(tiny_ckpt)
     for i, ((h, w), meta) in enumerate(zip(sizes, metas, strict=False)):
@@ -64,20 +68,36 @@ def test_predict_writes_every_tile_equal_to_the_model_alone(tmp_path, tiny_ckpt)
     assert summary["metadata_defaults"] == 5   # tiles 1, 2, 4, 5, 6
     assert summary["precision"] == "32-true" and summary["tiles_per_s"] > 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
-    logs = list((tmp_path / "outputs").rglob("stage2_predict.log"))
-    assert logs and "stage2 summary" in logs[0].read_text()
 
     # rerun: nothing to do, fast path
-    r2 = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu"], cwd=tmp_path)
-    assert r2.returncode == 0 and "nothing to do: 7 tiles already done" in r2.stdout
+    assert run(cfg_predict) == 0
+    assert "nothing to do: 7 tiles already done" in capsys.readouterr().out
 
 
-def test_lowvr_without_cuda_says_so_and_runs_on_cpu(tmp_path, tiny_ckpt):
+def test_python_m_stage2_predict_as_a_user_types_it(tmp_path, tiny_ckpt):
+    """The smoke test of the command itself: Hydra's run dir with its config and log, the summary, exit 0."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    make_tile(inp / "a.npz", 48, 40, seed=1, meta={"month": "may"})
+    make_tile(inp / "b.npz", 32, 32, seed=2)
+    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "found 2  processed 2  skipped 0  failed 0" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["_stage2_summary.json", "a.json", "a.npz", "b.json", "b.npz"]
+    assert read_output(out / "a.npz").shape == (4, 48, 40)
+    (run_dir,) = [d for d in (tmp_path / "outputs" / "predict").glob("*/*") if d.is_dir()]
+    assert "stage2 summary" in (run_dir / "stage2_predict.log").read_text()
+    assert f"input_dir={inp}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "hardware:" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+def test_lowvr_without_cuda_says_so_and_runs_on_cpu(tmp_path, tiny_ckpt, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)     # also where the suite has a GPU
     inp = tmp_path / "in"
     make_tile(inp / "a.npz", 64, 64)
-    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={tmp_path / 'out'}", "hardware=lowvr"],
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "CUDA is not available" in r.stdout + r.stderr
+    cfg = compose_app("predict", ["hardware=lowvr"], tmp_path / "run", checkpoint=tiny_ckpt, input_dir=inp,
+                      output_dir=tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="stage2"):
+        assert run(cfg) == 0
+    assert "CUDA is not available: hardware=lowvr runs on the CPU in fp32" in caplog.text
     js = json.loads((tmp_path / "out" / "a.json").read_text())
     assert js["processing"]["device"] == "cpu" and js["processing"]["precision"] == "32-true"

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
-from helpers import make_tile, run_cli
+from helpers import compose_app, make_tile, run_cli
 
 
 def _have_submitit() -> bool:
@@ -26,11 +25,7 @@ NO_SUBMITIT = "hydra-submitit-launcher is not installed (pip install -e '.[slurm
 
 
 def _compose(overrides: list[str]):
-    import stage2.predict  # noqa: F401  (registers the stage2_aoi_dir resolver)
-    from stage2.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("predict", overrides=["checkpoint=c.pt", *overrides])
+    return compose_app("predict", ["checkpoint=c.pt", *overrides])
 
 
 def test_aoi_sets_the_folders_and_explicit_folders_win():

@@ -1,7 +1,12 @@
-"""`python -m stage2.report` over a small real run: files, figures, the page, problems and exit codes (SPEC 7)."""
+"""The report over a small real run: files, figures, the page, problems and exit codes (SPEC 7).
+
+In this process through the composed conf/report.yaml; `python -m stage2.report` itself once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -12,9 +17,11 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from helpers import make_tile, run_cli
+from helpers import compose_app, make_tile, run_cli
+from stage2.predict.app import run as predict
 from stage2.quality import severity, tile_quality
 from stage2.report.app import make_report
+from stage2.report.app import run as report
 from stage2.report.check import check_run
 from stage2.tiles import read_output
 
@@ -23,17 +30,23 @@ NAMES = ["a_field", "b_field", "c_flat", "field&river's_01"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_ckpt) -> tuple[Path, Path]:
-    """Four small tiles through the real predict CLI: three field-like (one with an HTML-hostile name), one flat."""
+    """Four small tiles through the real predict app: three field-like (one with an HTML-hostile name), one flat."""
     root = tmp_path_factory.mktemp("run")
     inp, out = root / "in", root / "out"
     make_tile(inp / f"{NAMES[0]}.npz", 32, 32, seed=1, meta={"month": 7, "biome_code": 4})
     make_tile(inp / f"{NAMES[1]}.npz", 48, 40, seed=2, meta={"month": "jan", "biome_code": 2})
     np.savez(inp / f"{NAMES[2]}.npz", opt_v1=np.full((4, 32, 32), 0.3, np.float32))
     make_tile(inp / f"{NAMES[3]}.npz", 32, 32, seed=3)
-    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu",
-                 "precision=32"], cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = compose_app("predict", ["hardware=cpu", "precision=32"], root / "run", checkpoint=tiny_ckpt,
+                      input_dir=inp, output_dir=out)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert predict(cfg) == 0
     return inp, out
+
+
+def _report(inp: Path, out: Path, **values) -> int:
+    """`python -m stage2.report input_dir=INP output_dir=OUT [key=value ...]`, in this process."""
+    return report(compose_app("report", [], input_dir=inp, output_dir=out, **values))
 
 
 def _copy(run, tmp_path) -> tuple[Path, Path]:
@@ -59,6 +72,7 @@ def _linked_images(page: str) -> list[str]:
 
 
 def test_report_over_a_run(run, tmp_path):
+    """The smoke test of `python -m stage2.report` as a user types it (one subprocess)."""
     inp, out = run
     r = run_cli([f"input_dir={inp}", f"output_dir={out}"], cwd=tmp_path, module="stage2.report")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -124,7 +138,7 @@ def test_max_tiles_draws_the_worst_and_report_dir_is_honoured(run, tmp_path):
     assert list((rdir / "tiles").glob("*.png")) == []
 
 
-def test_problems_are_named_and_exit_1(run, tmp_path):
+def test_problems_are_named_and_exit_1(run, tmp_path, capsys):
     inp, out = _copy(run, tmp_path)
     (out / "a_field.npz").unlink()
     (out / "a_field.json").unlink()                          # missing output
@@ -133,13 +147,13 @@ def test_problems_are_named_and_exit_1(run, tmp_path):
     np.savez(out / "stray.npz", opt_v2=np.zeros((4, 32, 32), np.float32))        # no input
     (out / "stray.json").write_text('{"stage": "stage2_refined"}')
 
-    r = run_cli([f"input_dir={inp}", f"output_dir={out}"], cwd=tmp_path, module="stage2.report")
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "missing output: a_field" in r.stdout
-    assert "incomplete output: b_field: NPZ without its JSON" in r.stdout
-    assert "invalid output: c_flat: c_flat.npz: values in [1.5, 1.5], outside [0, 1]" in r.stdout
-    assert "output without input: stray" in r.stdout
-    assert r.stdout.rstrip().splitlines()[-1].startswith("report: ")
+    assert _report(inp, out) == 1
+    stdout = capsys.readouterr().out
+    assert "missing output: a_field" in stdout
+    assert "incomplete output: b_field: NPZ without its JSON" in stdout
+    assert "invalid output: c_flat: c_flat.npz: values in [1.5, 1.5], outside [0, 1]" in stdout
+    assert "output without input: stray" in stdout
+    assert stdout.rstrip().splitlines()[-1] == f"report: {(out / '_report' / 'index.html').resolve()}"
     page = (out / "_report" / "index.html").read_text(encoding="utf-8")
     assert "4 problem(s)" in page and "a_field" in page and "outside [0, 1]" in page
     assert len(_table_rows(page)) == 1                       # only the one valid output
@@ -165,38 +179,39 @@ def test_each_output_check(run, tmp_path):
     assert chk.outputs == 0 and not chk.ok
 
 
-def test_run_level_errors_exit_2(run, tmp_path):
+def test_run_level_errors_exit_2(run, tmp_path, capsys):
     inp, out = run
     missing = tmp_path / "nope"
-    r = run_cli([f"input_dir={inp}", f"output_dir={missing}"], cwd=tmp_path, module="stage2.report")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
+    assert _report(inp, missing) == 2
+    assert capsys.readouterr().err.splitlines() == [
         f"stage2 report: error: output_dir {missing} does not exist: pass output_dir=DIR of the Stage 2 run "
         "to report on"]
-    r = run_cli([f"output_dir={out}"], cwd=tmp_path, module="stage2.report")
-    assert r.returncode == 2 and "input_dir is not set" in r.stderr
+    assert report(compose_app("report", [f"output_dir={out}"])) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "stage2 report: error: input_dir is not set: pass input_dir=DIR (the Stage 1 tiles the run read)"]
     (tmp_path / "empty").mkdir()
-    r = run_cli([f"input_dir={tmp_path / 'empty'}", f"output_dir={out}"], cwd=tmp_path, module="stage2.report")
-    assert r.returncode == 2 and f"No NPZ tiles found in {tmp_path / 'empty'}" in r.stderr
-    assert not missing.exists()
+    assert _report(tmp_path / "empty", out) == 2
+    assert f"stage2 report: error: No NPZ tiles found in {tmp_path / 'empty'}" in capsys.readouterr().err
+    assert _report(inp, out, max_tiles=-1, report_dir=tmp_path / "r") == 2
+    assert capsys.readouterr().err.splitlines() == ["stage2 report: error: max_tiles=-1: pass 0 or more"]
+    assert not missing.exists() and not (tmp_path / "r").exists()
 
 
-def test_quality_false_run_and_failures(tmp_path, tiny_ckpt):
+def test_quality_false_run_and_failures(tmp_path, cfg_predict, capsys):
     """quality=false writes no metrics (the report computes them); a failed tile is reported with its reason."""
     inp, out = tmp_path / "in", tmp_path / "out"
     v1 = make_tile(inp / "good.npz", 32, 32, seed=5)
     bad = np.full((4, 32, 32), 0.2, np.float32)
     bad[1, 3, 3] = np.nan
     np.savez(inp / "bad.npz", opt_v1=bad)
-    r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu",
-                 "quality=false"], cwd=tmp_path)
-    assert r.returncode == 1, r.stderr[-2000:]
+    cfg_predict.quality = False
+    assert predict(cfg_predict) == 1
     assert "quality" not in json.loads((out / "good.json").read_text())
     assert json.loads((out / "_stage2_summary.json").read_text())["quality"] is None
+    capsys.readouterr()
 
-    r = run_cli([f"input_dir={inp}", f"output_dir={out}"], cwd=tmp_path, module="stage2.report")
-    assert r.returncode == 1
-    assert "missing output: bad: the run failed this tile: 1 NaN and 0 Inf values" in r.stdout
+    assert _report(inp, out) == 1
+    assert "missing output: bad: the run failed this tile: 1 NaN and 0 Inf values" in capsys.readouterr().out
     q = tile_quality(v1, read_output(out / "good.npz"))
     page = (out / "_report" / "index.html").read_text(encoding="utf-8")
     (row,) = _table_rows(page)

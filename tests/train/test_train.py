@@ -1,9 +1,13 @@
-"""Training the refiner (stage2.train, train_data, degrade, pretrained, evaluate): behaviour a user relies on."""
+"""Training the refiner (stage2.train: app, data, module, degrade, pretrained, evaluate): behaviour a user relies on.
+
+In this process through the composed conf/train.yaml (`cfg_train`), degrade.yaml and evaluate.yaml; each command
+once as a user types it (`python -m stage2.train | degrade | evaluate`)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,36 +16,22 @@ import pytest
 import torch
 
 import stage2
-from helpers import make_tile, run_cli
-from stage2 import CONF_DIR
+from helpers import compose_app, make_tile, run_cli
 from stage2.tiles import read_output, read_tile
+from stage2.train.app import build_data
 from stage2.train.degrade import DegradeParams, degrade, degrade_dir
 
 P = DegradeParams.from_config()      # conf/degradation/translator.yaml, as stage2.train uses it
 
 
-def train_cfg(*overrides: str):
-    """conf/train.yaml composed with `overrides`, as `python -m stage2.train` composes it."""
-    from hydra import compose, initialize_config_dir
+def train_module(model, cfg):
+    """RefinerTrainModule with `cfg`'s (conf/train.yaml's) loss and optimiser settings, as the app builds it."""
+    from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def train_data(*overrides: str):
-    """The PairDataModule the train app builds from these overrides."""
-    from hydra.utils import instantiate
-
-    cfg = train_cfg(*overrides)
-    return instantiate(cfg.data)(degrade=DegradeParams.from_mapping(cfg.degrade))
-
-
-def train_module(model):
-    """RefinerTrainModule with conf/train.yaml's loss and optimiser settings."""
     from stage2.train.module import RefinerTrainModule
 
-    cfg = train_cfg()
-    return RefinerTrainModule(model, loss=cfg.loss, optim=cfg.optim, pretrained_path=None)
+    return RefinerTrainModule(model, loss=OmegaConf.to_container(cfg.loss), optim=OmegaConf.to_container(cfg.optim),
+                              pretrained_path=None)
 
 
 def _truth(seed: int = 0, h: int = 64, w: int = 64) -> np.ndarray:
@@ -72,12 +62,16 @@ def test_degradation_is_deterministic_per_seed_and_stays_in_range():
         DegradeParams.from_mapping({"blur": 1})
 
 
-def test_degrade_cli_writes_stage1_tiles_seeded_by_name(tmp_path):
+def test_degrade_cli_writes_stage1_tiles_seeded_by_name(tmp_path, capsys):
+    """Includes the smoke test of `python -m stage2.degrade` (one subprocess); the errors run in this process."""
+    from stage2.train.degrade import run
+
     truth = tmp_path / "truth"
     make_tile(truth / "a.npz", 40, 48, seed=1, meta={"month": 7, "biome_code": 4, "tile_id": "a"})
     make_tile(truth / "b.npz", 32, 32, seed=2)
     r = run_cli([f"truth_dir={truth}", f"output_dir={tmp_path / 's1'}", "seed=3"], module="stage2.degrade")
     assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"degraded 2 tiles from {truth} into {tmp_path / 's1'} (seed 3)"]
     t = read_tile(tmp_path / "s1" / "a.npz")                 # predict's own reader accepts it
     assert t.array.shape == (4, 40, 48) and (t.month, t.biome, t.meta["tile_id"]) == (7, 4, "a")
     # a tile's degradation depends on (seed, name) only, not on the other tiles in the folder
@@ -85,11 +79,15 @@ def test_degrade_cli_writes_stage1_tiles_seeded_by_name(tmp_path):
     make_tile(alone / "a.npz", 40, 48, seed=1)
     degrade_dir(alone, tmp_path / "s1_alone", seed=3, params=P)
     assert np.array_equal(np.load(tmp_path / "s1_alone" / "a.npz")["opt_v1"], t.array)
-    r = run_cli([f"truth_dir={tmp_path / 'none'}", f"output_dir={tmp_path / 'x'}"], module="stage2.degrade")
-    assert r.returncode == 2 and f"truth_dir {tmp_path / 'none'} does not exist" in r.stderr
+    assert run(compose_app("degrade", [], truth_dir=tmp_path / "none", output_dir=tmp_path / "x")) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"stage2.degrade: error: truth_dir {tmp_path / 'none'} does not exist")
     (tmp_path / "empty").mkdir()
-    r = run_cli([f"truth_dir={tmp_path / 'empty'}", f"output_dir={tmp_path / 'x'}"], module="stage2.degrade")
-    assert r.returncode == 2 and "No NPZ tiles found" in r.stderr and "Traceback" not in r.stderr
+    assert run(compose_app("degrade", [], truth_dir=tmp_path / "empty", output_dir=tmp_path / "x")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2.degrade: error: No NPZ tiles found in {tmp_path / 'empty'}"]
+    assert run(compose_app("degrade", ["+degrade.blur=1"], truth_dir=truth, output_dir=tmp_path / "x")) == 2
+    assert "degradation keys: unknown ['blur']" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- data
@@ -100,7 +98,7 @@ def _pairs_dir(path: Path, n: int = 2, size: int = 48) -> Path:
     return path
 
 
-def test_pair_data_is_reproducible_and_checks_files(tmp_path):
+def test_pair_data_is_reproducible_and_checks_files(tmp_path, cfg_train):
     from stage2.train.data import PairError, RandomCropPairs, read_pair, scan
 
     opt = tmp_path / "opt"
@@ -115,9 +113,8 @@ def test_pair_data_is_reproducible_and_checks_files(tmp_path):
         assert 0 <= float(a["opt_v1"].min()) and float(a["opt_v1"].max()) <= 1
     assert not torch.equal(ds[0]["target"], ds[1]["target"])
 
-    dm = train_data(f"data.optical_dir={opt}", f"data.pairs_dir={tmp_path / 'pairs'}", "data.crop=32",
-                    "data.batch_size=4", "data.samples_per_epoch=8", "data.val_fraction=0.3")
-    dm.setup("fit")
+    cfg_train.optical_dir, cfg_train.pairs_dir, cfg_train.data.val_fraction = str(opt), str(tmp_path / "pairs"), 0.3
+    dm = build_data(cfg_train)      # crops of 32 px, batches of 4, 8 crops an epoch
     assert len(dm.train_sources) == 3 and len(dm.val_sources) == 2          # one held-out tile per source
     assert not {s.name for s in dm.train_sources} & {s.name for s in dm.val_sources}
     assert len(dm.train_dataloader()) == 2
@@ -136,10 +133,9 @@ def test_pair_data_is_reproducible_and_checks_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- learning
-def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch():
-
+def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch(cfg_train):
     torch.manual_seed(0)
-    module = train_module(stage2.build_model("prithvi_eo_tiny").train())
+    module = train_module(stage2.build_model("prithvi_eo_tiny").train(), cfg_train)
     target = torch.from_numpy(np.stack([_truth(s, 32, 32) * 0.5 + 0.2 for s in range(4)]))
     v1 = torch.from_numpy(np.stack([degrade(t.numpy(), s, P) for s, t in enumerate(target)]))
     month, biome = torch.full((4,), 6), torch.zeros(4, dtype=torch.long)
@@ -154,7 +150,7 @@ def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path):
+def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path, cfg_train):
     import lightning as L
 
     from stage2.train.module import FreezeEncoder
@@ -163,10 +159,11 @@ def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path):
     for i in range(2):
         make_tile(opt / f"t{i}.npz", 48, 48, seed=i)
     L.seed_everything(0)
-    module = train_module(stage2.build_model("prithvi_eo_tiny").train())
+    module = train_module(stage2.build_model("prithvi_eo_tiny").train(), cfg_train)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    dm = train_data(f"data.optical_dir={opt}", "data.crop=32", "data.batch_size=2", "data.samples_per_epoch=6",
-                    "data.val_fraction=0")
+    cfg_train.optical_dir = str(opt)
+    cfg_train.data.batch_size, cfg_train.data.samples_per_epoch, cfg_train.data.val_fraction = 2, 6, 0
+    dm = build_data(cfg_train)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[FreezeEncoder(1)])
     trainer.fit(module, datamodule=dm)
@@ -180,18 +177,19 @@ def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end
-def test_train_cli_writes_checkpoints_that_load_and_predict(tmp_path):
+def test_training_writes_checkpoints_that_load_and_predict(tmp_path, cfg_train, tiny_ckpt, capsys):
+    """stage2.train's app over the composed conf/train.yaml, in this process; then predict reads its checkpoint."""
+    from stage2.predict.app import run as predict
+    from stage2.train.app import run as train
+
     opt = tmp_path / "opt"
     for i in range(3):
         make_tile(opt / f"t{i}.npz", 48, 64, seed=i, meta={"month": 3 + i, "biome_code": i})
     pairs = _pairs_dir(tmp_path / "pairs")
-    run = tmp_path / "run"
-    r = run_cli(["hardware=cpu", f"optical_dir={opt}", f"pairs_dir={pairs}", "data.crop=32", "data.batch_size=4",
-                 "data.samples_per_epoch=8", "data.val_fraction=0.3", "trainer.max_epochs=2",
-                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"hydra.run.dir={run}"],
-                cwd=tmp_path, module="stage2.train")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "validation (held-out tiles, best epoch): RMSE" in r.stdout
+    run = tmp_path / "run"                      # cfg_train's run dir (Hydra's hydra.run.dir)
+    cfg_train.optical_dir, cfg_train.pairs_dir, cfg_train.data.val_fraction = str(opt), str(pairs), 0.3
+    assert train(cfg_train) == 0
+    assert "validation (held-out tiles, best epoch): RMSE" in capsys.readouterr().out
 
     pt = run / "stage2_refiner.pt"
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
@@ -201,49 +199,55 @@ def test_train_cli_writes_checkpoints_that_load_and_predict(tmp_path):
     assert raw["hyper_parameters"]["stage2_checkpoint"] == 1
     assert raw["hyper_parameters"]["model_config"]["backbone"] == "prithvi_eo_tiny"
     m_pt, m_ckpt = stage2.load_model(pt), stage2.load_model(best[0])
-    assert all(torch.equal(a, b) for a, b in zip(m_pt.state_dict().values(), m_ckpt.state_dict().values(), strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(m_pt.state_dict().values(), m_ckpt.state_dict().values(), strict=True))
     untrained = stage2.build_model("prithvi_eo_tiny")
     assert not torch.equal(m_pt.state_dict()["refine.2.weight"], untrained.state_dict()["refine.2.weight"])
 
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     val = [row for row in rows if row.get("val_loss")]
     assert len(val) == 2
-    for key in ("val_rmse_in", "val_rmse_out", "val_psnr_in", "val_psnr_out", "val_ndvi_rmse_in",
-                "val_ndvi_rmse_out", "val_edge_preservation_in", "val_edge_preservation_out"):
-        assert float(val[-1][key]) == pytest.approx(float(val[-1][key]))     # a number
+    last = {k: float(v) for k, v in val[-1].items() if k.startswith("val_")}
+    assert all(math.isfinite(v) for v in last.values()), last
+    for side in ("in", "out"):      # plausible values, not only numbers
+        assert 0 < last[f"val_rmse_{side}"] < 1 and 0 < last[f"val_ndvi_rmse_{side}"] <= 2
+        assert last[f"val_psnr_{side}"] > 0 and -1 <= last[f"val_edge_preservation_{side}"] <= 1
+    assert last["val_rmse_in"] > 0.01                   # the validation inputs really are degraded
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["val_tiles"]) == 2
+    best_epoch = min(val, key=lambda row: float(row["val_loss"]))
+    assert summary["best_validation"]["val_rmse_out"] == pytest.approx(float(best_epoch["val_rmse_out"]))
 
     # predict reads the Lightning checkpoint as it is
     inp = tmp_path / "in"
     make_tile(inp / "x.npz", 40, 40, seed=9)
     out = tmp_path / "out"
-    r = run_cli([f"checkpoint={best[0]}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = compose_app("predict", ["hardware=cpu"], tmp_path / "predict_run", checkpoint=best[0], input_dir=inp,
+                      output_dir=out)
+    assert predict(cfg) == 0
     v2 = read_output(out / "x.npz")
     with torch.inference_mode():
         expect = m_ckpt(torch.from_numpy(read_tile(inp / "x.npz").array)[None], torch.tensor([6]), torch.tensor([0]))
     assert np.abs(expect[0].numpy() - v2).max() <= 1e-5
 
 
-def test_train_cli_says_what_is_wrong_with_its_inputs(tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
-
-    from stage2.model import CONF_DIR
+def test_train_cli_says_what_is_wrong_with_its_inputs(tmp_path, cfg_train, capsys):
+    """Includes the smoke test of `python -m stage2.train` (one subprocess); the rest in this process."""
     from stage2.train.app import run
 
-    r = run_cli(["hardware=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, module="stage2.train")
-    assert r.returncode == 2 and "no training data" in r.stderr
+    r = run_cli(["hardware=cpu", f"hydra.run.dir={tmp_path / 'cli_run'}"], cwd=tmp_path, module="stage2.train")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "stage2: error: no training data" in r.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
     np.savez(bad / "t.npz", opt_v1=np.full((4, 32, 32), 812.0, np.float32))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for override, words in ((f"optical_dir={tmp_path / 'nope'}", ["nope", "does not exist"]),
-                                (f"optical_dir={bad}", ["t.npz", "far outside [0, 1]", "divide by 10000"]),
-                                (f"pairs_dir={bad}", ["t.npz", "no 'target' array"])):
-            assert run(compose("train", overrides=["hardware=cpu", override])) == 2
-            err = capsys.readouterr().err
-            assert all(w in err for w in words), err
+    for key, folder, words in (("optical_dir", tmp_path / "nope", ["nope", "does not exist"]),
+                               ("optical_dir", bad, ["t.npz", "far outside [0, 1]", "divide by 10000"]),
+                               ("pairs_dir", bad, ["t.npz", "no 'target' array"])):
+        cfg = cfg_train.copy()
+        cfg[key] = str(folder)
+        assert run(cfg) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("stage2: error: ") and all(w in line for w in words), line
 
 
 # ----------------------------------------------------------------------------- pretrained Prithvi weights
@@ -297,9 +301,10 @@ def test_train_config_starts_from_pretrained_path(prithvi_file):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path):
+def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path, capsys):
+    """Includes the smoke test of `python -m stage2.evaluate` (one subprocess); the error runs in this process."""
     from stage2.tiles import write_tile
-    from stage2.train.evaluate import evaluate_dirs
+    from stage2.train.evaluate import evaluate_dirs, run
 
     truth, s1, out = tmp_path / "truth", tmp_path / "s1", tmp_path / "out"
     arrays = [make_tile(truth / f"t{i}.npz", 32, 40, seed=i) for i in range(2)]
@@ -321,8 +326,13 @@ def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path):
     pngs = sorted(p.name for p in (out / "_stage2_evaluation").glob("*.png"))
     assert pngs == ["t0.png", "t1.png"] and (out / "_stage2_evaluation" / "t1.png").read_bytes()[:4] == b"\x89PNG"
     (truth / "t1.npz").unlink()
-    r = run_cli([f"truth_dir={truth}", f"input_dir={s1}", f"output_dir={out}"], module="stage2.evaluate")
-    assert r.returncode == 2 and "t1.npz does not exist" in r.stderr
+    assert run(compose_app("evaluate", [], truth_dir=truth, input_dir=s1, output_dir=out)) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2.evaluate: error: truth {truth / 't1.npz'} does not exist: every output tile needs its truth with "
+        "the same name"]
+    assert run(compose_app("evaluate", [], input_dir=s1, output_dir=out)) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "stage2.evaluate: error: truth_dir is not set: pass truth_dir=... (the true optical tiles)"]
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -336,13 +346,14 @@ def test_resume_from_must_be_a_local_stage2_checkpoint(tmp_path, capsys):
                          ("https://example.com/last.ckpt", "is a URL"),
                          ("s3://bucket/last.ckpt", "is a URL"),
                          (tmp_path / "notes.ckpt", "not a safe Stage 2 checkpoint")):
-        assert run(train_cfg("hardware=cpu", f"optical_dir={opt}", f"resume_from={value}")) == 2
+        assert run(compose_app("train", ["hardware=cpu", f"optical_dir={opt}", f"resume_from={value}"])) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "resume_from" in err[0] and words in err[0] and "Traceback" not in err[0], err
 
 
 def test_after_a_resume_the_exported_pt_is_the_best_over_both_runs(tmp_path, monkeypatch):
-    """The resumed run validates worse (its validation tiles are degraded much more): the .pt stays the first run's best."""
+    """The resumed run validates worse (its validation tiles are degraded much more): the .pt stays the
+    first run's best."""
     from stage2.train.app import run
 
     opt = tmp_path / "opt"
@@ -354,11 +365,12 @@ def test_after_a_resume_the_exported_pt_is_the_best_over_both_runs(tmp_path, mon
     for d in (first, second):
         d.mkdir()
     monkeypatch.chdir(first)            # outside a Hydra app the run dir is the working directory
-    assert run(train_cfg(*common, "trainer.max_epochs=1")) == 0
+    assert run(compose_app("train", [*common, "trainer.max_epochs=1"])) == 0
     (best_first,) = [c for c in (first / "checkpoints").glob("*.ckpt") if c.name != "last.ckpt"]
     monkeypatch.chdir(second)
-    assert run(train_cfg(*common, "trainer.max_epochs=2", f"resume_from={first / 'checkpoints' / 'last.ckpt'}",
-                         "degrade.noise_sd=[0.3,0.4]")) == 0
+    last = first / "checkpoints" / "last.ckpt"
+    assert run(compose_app("train", [*common, "trainer.max_epochs=2", f"resume_from={last}",
+                                     "degrade.noise_sd=[0.3,0.4]"])) == 0
     scores = {c.name: float(c.stem.split("val_loss")[1]) for c in (second / "checkpoints").glob("epoch*.ckpt")}
     assert scores and min(scores.values()) > float(best_first.stem.split("val_loss")[1])
     exported, first_best = stage2.load_model(second / "stage2_refiner.pt"), stage2.load_model(best_first)
