@@ -126,10 +126,12 @@ def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
         "stage2_version": __version__,
     }
     writer = instantiate(cfg.writer)(output_dir=p.output_dir, processing=processing)
-    bar = TileProgressBar(lambda tr: data.tiles_on_rank(tr.global_rank, tr.world_size))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.update(accelerator=accelerator, precision=precision)
-    trainer = L.Trainer(**trainer_kwargs, callbacks=[writer, bar])
+    callbacks = [writer]
+    if trainer_kwargs.get("enable_progress_bar", True):    # Lightning refuses a bar callback when it is off
+        callbacks.append(TileProgressBar(lambda tr: data.tiles_on_rank(tr.global_rank, tr.world_size)))
+    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks)
     module = instantiate(cfg.module)(model=model)
     return Parts(trainer, module, data, writer, processing)
 
