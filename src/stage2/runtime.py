@@ -224,17 +224,35 @@ def check_precision(value: Any) -> None:
 
 
 def resolve_precision(value: Any, on_gpu: bool, profile_amp: str) -> str:
-    """Map the user's `precision` onto a Lightning precision string (SPEC 4)."""
+    """Map the user's `precision` onto a Lightning precision string (SPEC 4).
+
+    `auto`: on a GPU the profile's mixed precision (fp16 where bf16 is not supported); on a CPU
+    bf16 autocast where the CPU computes bf16 natively, else fp32. `32` is always exact fp32.
+    """
     text = str(value).strip().lower()
     if text == "auto":
         if not on_gpu:
-            return "32-true"
+            return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
         if profile_amp.startswith("bf16"):
             import torch
             if not torch.cuda.is_bf16_supported():
                 return "16-mixed"
         return profile_amp
     return _PRECISION_ALIASES.get(text, text)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as PyTorch's cpuinfo reports it.
+
+    Why it matters: with native bf16, oneDNN runs the model's matrix products in bf16 at about twice
+    the fp32 speed (measured on this project's Zen 5 CPU: 44.9 vs 22.2 tiles/s, prithvi_eo_v1_100,
+    128 px, batch 4). Without it, bf16 is emulated and slower than fp32, so `auto` stays fp32 there.
+    """
+    import torch
+
+    cpu = torch.cpu
+    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
 
 
 def uses_amp(precision: str) -> bool:
@@ -253,7 +271,7 @@ def resolve_accelerator(cfg: DictConfig) -> str:
     if wanted == "auto":
         if torch.cuda.is_available():
             return "gpu"
-        log.warning("CUDA is not available: hardware=%s runs on the CPU in fp32", _profile_name())
+        log.warning("CUDA is not available: hardware=%s runs on the CPU", _profile_name())
         return "cpu"
     return wanted
 
