@@ -44,13 +44,14 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cfg_predict(tmp_path: Path, tiny_ckpt: Path) -> Any:
-    """conf/predict.yaml as `python -m stage2.predict hardware=cpu checkpoint=<tiny> input_dir=<tmp>/in
-    output_dir=<tmp>/out` composes it, run dir <tmp>/run: `stage2.predict.app.run(cfg_predict)` runs it here.
+    """conf/predict.yaml as `python -m stage2.predict hardware=cpu precision=32 checkpoint=<tiny>
+    input_dir=<tmp>/in output_dir=<tmp>/out` composes it, run dir <tmp>/run: `stage2.predict.app.run(cfg_predict)`
+    runs it here. fp32 (not `auto`, which is bf16 on CPUs with native bf16) so values compare to 1e-5.
 
     Change a setting on the config (`cfg_predict.batch_size = 3`); for another profile or group, call
     helpers.compose_app("predict", [...]) instead.
     """
-    return compose_app("predict", ["hardware=cpu"], tmp_path / "run", checkpoint=tiny_ckpt,
+    return compose_app("predict", ["hardware=cpu", "precision=32"], tmp_path / "run", checkpoint=tiny_ckpt,
                        input_dir=tmp_path / "in", output_dir=tmp_path / "out")
 
 
@@ -65,7 +66,7 @@ def cfg_train(tmp_path: Path) -> Iterator[Any]:
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield compose_app("train", ["hardware=cpu", "data.crop=32", "data.batch_size=4", "data.samples_per_epoch=8",
+    yield compose_app("train", ["hardware=cpu", "precision=32", "data.crop=32", "data.batch_size=4", "data.samples_per_epoch=8",
                                 "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
                                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
                       tmp_path / "run")
