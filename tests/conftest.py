@@ -66,7 +66,8 @@ def cfg_train(tmp_path: Path) -> Iterator[Any]:
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield compose_app("train", ["hardware=cpu", "precision=32", "data.crop=32", "data.batch_size=4", "data.samples_per_epoch=8",
+    yield compose_app("train", ["hardware=cpu", "precision=32", "data.crop=32", "data.batch_size=4",
+                                "data.samples_per_epoch=8",
                                 "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
                                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
                       tmp_path / "run")
