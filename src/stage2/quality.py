@@ -134,6 +134,72 @@ def _sobel_pair(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None, block:
     return out[0], out[1]
 
 
+class RowQuality:
+    """tile_quality of a tile given top to bottom, one final strip of rows at a time.
+
+    For a windowed tile whose output replaces its input strip by strip (stage2.predict.windows):
+    each strip is measured as it becomes final, with the last two rows of the strip before kept as
+    the Sobel's context (its own last row is measured with the next strip, whose first row it needs).
+    Pearson's r comes from sums of values shifted by the first strip's means (float64), so one pass
+    suffices; it equals edge_preservation within float rounding (1e-12).
+    """
+
+    def __init__(self) -> None:
+        self.n_ndvi, self.ndvi_sq = 0, 0.0
+        self.n, self.shift = 0, None
+        self.sums = np.zeros(5)           # a, b, a*a, b*b, a*b of the shifted magnitudes
+        self._prev: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None   # last 2 NIR rows, valid
+
+    def add(self, v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """The next strip of rows, (4, r, W) each, final; `valid` (r, W) as in tile_quality."""
+        d = ndvi(v1) - ndvi(v2)
+        d = d if valid is None else d[valid]
+        self.n_ndvi += d.size
+        self.ndvi_sq += float(np.sum(d * d, dtype=np.float64))
+        nir = [np.asarray(v)[NIR] for v in (v1, v2)]
+        if self._prev is None:
+            stack, ok, first = nir, valid, 0              # the tile's top edge: no context row above
+        else:
+            p1, p2, pv = self._prev
+            stack = [np.concatenate((p1, nir[0])), np.concatenate((p2, nir[1]))]
+            ok = None if valid is None else np.concatenate((pv, valid))
+            first = p1.shape[0] - 1                       # the row held back last time; any row above is context
+        self._measure(stack, ok, first, stack[0].shape[0] - 1)
+        # copies: the caller may overwrite these rows (a windowed tile writes its output over its input)
+        self._prev = (stack[0][-2:].copy(), stack[1][-2:].copy(), None if ok is None else ok[-2:].copy())
+
+    def finish(self) -> dict[str, float | None]:
+        """Measure the last row (the tile's bottom edge) and return the `quality` object."""
+        if self._prev is not None:
+            p1, p2, pv = self._prev
+            self._measure([p1, p2], pv, p1.shape[0] - 1, p1.shape[0])
+        sa, sb, saa, sbb, sab = self.sums
+        n = self.n
+        caa, cbb, cab = saa - sa * sa / n, sbb - sb * sb / n, sab - sa * sb / n
+        edge = None if min(caa, cbb) < n * FLAT_STD**2 else float(np.clip(cab / math.sqrt(caa * cbb), -1.0, 1.0))
+        return {"ndvi_rmse": math.sqrt(self.ndvi_sq / self.n_ndvi), "edge_preservation": edge}
+
+    def _measure(self, stack: list[np.ndarray], valid: np.ndarray | None, r0: int, r1: int) -> None:
+        """Add the Sobel magnitudes of rows r0:r1 of the stacked NIR rows (their neighbours are in it)."""
+        h, w = stack[0].shape
+        s0, s1 = max(r0 - 1, 0), min(r1 + 1, h)
+        for c0 in range(0, w, BLOCK_SIDE):
+            c1 = min(c0 + BLOCK_SIDE, w)
+            t0, t1 = max(c0 - 1, 0), min(c1 + 1, w)
+            a, b = (sobel_magnitude(x[s0:s1, t0:t1])[r0 - s0:r1 - s0, c0 - t0:c1 - t0] for x in stack)
+            if valid is not None:
+                a, b = a[valid[r0:r1, c0:c1]], b[valid[r0:r1, c0:c1]]
+            a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+            if a.size == 0:
+                continue
+            if self.shift is None:
+                self.shift = (float(a.mean()), float(b.mean()))
+            a, b = a - self.shift[0], b - self.shift[1]
+            self.n += a.size
+            self.sums += [a.sum(), b.sum(), np.einsum("i,i->", a, a), np.einsum("i,i->", b, b),
+                          np.einsum("i,i->", a, b)]
+
+
 def tile_quality(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float | None]:
     """The per-tile `quality` object of the output JSON (plain floats or None: JSON-safe).
 

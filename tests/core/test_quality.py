@@ -150,3 +150,25 @@ def test_metrics_of_a_large_tile_taken_in_blocks_equal_the_whole_tile_formula(ca
         assert ndvi_rmse(v1, v2, mask) == pytest.approx(np.sqrt(np.mean(d * d)), rel=1e-9)
         a, b = (r[m].astype(np.float64) for r in ref)
         assert edge_preservation(v1, v2, mask) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-6)
+
+
+@pytest.mark.parametrize("strips", [[700], [256, 300, 144], [16, 17, 1, 666], [1, 1, 698]])
+def test_quality_given_strip_by_strip_equals_the_whole_tile(strips):
+    """RowQuality (windowed tiles, whose output replaces their input strip by strip) gives tile_quality."""
+    from stage2.quality import RowQuality
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:700, 0:600] / 80.0
+    v1 = (0.3 + 0.2 * np.sin(yy)[None] * np.cos(xx)[None] + rng.normal(0, 0.02, (4, 700, 600))).astype(np.float32)
+    v2 = (v1 + rng.normal(0, 0.01, v1.shape)).astype(np.float32)
+    valid = np.ones((700, 600), dtype=bool)
+    valid[:, :200] = False
+    for mask in (None, valid):
+        rq, r, a, b = RowQuality(), 0, v1.copy(), v2.copy()
+        for n in strips:
+            rq.add(a[:, r:r + n], b[:, r:r + n], None if mask is None else mask[r:r + n])
+            a[:, r:r + n], b[:, r:r + n] = 0.5, 0.25      # as a windowed tile's rows are overwritten
+            r += n
+        got, want = rq.finish(), tile_quality(v1, v2, mask)
+        assert got["ndvi_rmse"] == pytest.approx(want["ndvi_rmse"], rel=1e-9)
+        assert got["edge_preservation"] == pytest.approx(want["edge_preservation"], abs=1e-9)

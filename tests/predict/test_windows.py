@@ -31,6 +31,7 @@ from stage2.model import CONF_DIR
 from stage2.predict.app import run
 from stage2.predict.data import SizeBucketBatchSampler, TileDataModule
 from stage2.predict.windows import Assembly, WindowRef, WindowSettings, WindowSource, grid_for, positions
+from stage2.quality import tile_quality
 from stage2.tiles import TileFailure, load_tile, read_output
 
 SIZE, OVERLAP, ABOVE = 256, 64, 512          # conf/predict.yaml's defaults
@@ -100,17 +101,32 @@ def test_a_tile_up_to_window_above_runs_whole():
     assert positions(100, 256, 192, 16) == (0,)
 
 
-@pytest.mark.parametrize("h,w", [(513, 1031), (700, 257), (300, 2000)])
+@pytest.mark.parametrize("h,w", [(513, 1031), (700, 257), (300, 2000), (20, 5000)])
 def test_blend_weights_sum_to_one_so_a_per_pixel_function_survives_windowing(h, w):
     rng = np.random.default_rng(0)
     x = rng.random((4, h, w), dtype=np.float32)
     f = lambda a: np.sqrt(a) * 0.9 + 0.05 * a[::-1]               # a per-pixel function (bands mixed)  # noqa: E731
     grid = grid_for((4, h, w), WindowSettings(SIZE, OVERLAP, ABOVE), 16)
-    asm = Assembly(stage2.Tile("t", Path("t.npz"), x, {}, 6, 0), grid)
-    order = rng.permutation(grid.count)                            # any arrival order
-    done = [asm.add(int(k), f(grid.cut(x, int(k))), 0.0, False) for k in order]
+    tile = stage2.Tile("t", Path("t.npz"), x.copy(), {}, 6, 0)
+    asm = Assembly(tile, grid, quality=True)
+    windows = [f(grid.cut(x, k)) for k in range(grid.count)]     # cut before any row is final, as batches are
+    done = [asm.add(k, y, 0.0, False) for k, y in enumerate(windows)]
     assert done == [False] * (grid.count - 1) + [True]
-    np.testing.assert_allclose(asm.result(), f(x), atol=2e-6, rtol=0)
+    out, q = asm.result()
+    assert out is tile.array                                     # assembled in the input's own array
+    np.testing.assert_allclose(out, f(x), atol=2e-6, rtol=0)
+    want = tile_quality(x, f(x))
+    assert q["ndvi_rmse"] == pytest.approx(want["ndvi_rmse"], rel=1e-6)
+    assert q["edge_preservation"] == pytest.approx(want["edge_preservation"], abs=1e-6)
+
+
+def test_windows_of_a_later_row_before_a_row_is_complete_are_refused():
+    grid = grid_for((4, 700, 257), WindowSettings(SIZE, OVERLAP, ABOVE), 16)
+    x = np.zeros((4, 700, 257), np.float32)
+    asm = Assembly(stage2.Tile("t", Path("t.npz"), x, {}, 6, 0), grid, quality=False)
+    asm.add(0, grid.cut(x, 0).copy(), 0.0, False)
+    with pytest.raises(RuntimeError, match="arrived before window row 1 was complete"):
+        asm.add(len(grid.xs), grid.cut(x, len(grid.xs)).copy(), 0.0, False)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -156,7 +172,7 @@ def test_a_tile_too_large_for_memory_fails_alone_naming_its_size_and_the_limit(t
     source = WindowSource([tmp_path / "big.npz"], {0: grid}, load, lambda p: p.stem)
     got = [source.take(WindowRef(0, k, grid.count)) for k in range(grid.count)]
     assert isinstance(got[0], TileFailure) and got[1:] == [None] * (grid.count - 1)   # reported once
-    assert "tile 600x300 px needs about 0.0 GiB" in got[0].reason and "0.0 GiB of memory is available" in got[0].reason
+    assert "tile 600x300 px needs about 0.0 GiB for its array; 0.0 GiB of memory is available" in got[0].reason
     assert "split the tile" in got[0].hint
 
 

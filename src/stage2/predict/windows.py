@@ -7,7 +7,8 @@ was cut:
 - `Grid`: where the windows sit and how they are weighted;
 - `WindowSource` (main process): reads a windowed tile once, when its first window is needed, and
   cuts windows from it lazily (a window is a view until the batch copies it into a tensor);
-- `Assembly` (writer): sum(w * y) as the windows arrive, divided by sum(w) when the last one is in.
+- `Assembly` (writer): sum(w * y) / sum(w) as the windows arrive, row of windows by row of windows,
+  written over the tile's input rows as they become final.
 
 numpy only: the run's plan checks the settings here without importing torch.
 """
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..nodata import block_rows, row_blocks
+from ..quality import RowQuality
 from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
 
 # Blend weights: a raised cosine (Hann) across each window, plus this floor. The floor keeps every
@@ -30,9 +31,9 @@ from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
 # float32's rounding; the step it makes where a window begins is at most 2 x FLOOR x the difference
 # of the two windows' outputs (1e-4 for outputs 0.05 apart, Sentinel-2's own quantisation).
 WEIGHT_FLOOR = 1e-3
-# Bytes per tile pixel a windowed tile holds while it is refined: the float32 input and the float32
-# accumulator (4 bands each) and, under nan_policy=mask, the no-data mask (1 byte).
-BYTES_PER_PIXEL = 2 * N_BANDS * 4 + 1
+# Bytes per tile pixel a windowed tile holds while it is refined: its float32 array (4 bands: the input,
+# becoming the output; see Assembly) and, under nan_policy=mask, the no-data mask (1 byte).
+BYTES_PER_PIXEL = N_BANDS * 4 + 1
 
 
 @dataclass(frozen=True)
@@ -235,10 +236,10 @@ class WindowSource:
         need, free = grid.height * grid.width * BYTES_PER_PIXEL, available_memory()
         if free is not None and need > free:
             return TileFailure(self.name(path), path,
-                               f"tile {grid.height}x{grid.width} px needs about {need / 2**30:.1f} GiB for its input "
-                               f"and output arrays; {free / 2**30:.1f} GiB of memory is available",
+                               f"tile {grid.height}x{grid.width} px needs about {need / 2**30:.1f} GiB for its array; "
+                               f"{free / 2**30:.1f} GiB of memory is available",
                                "split the tile in Stage 1, or run it on a machine with more memory "
-                               "(windows bound the model's memory, not the tile's own arrays)")
+                               "(windows bound the model's memory, not the tile's own array)")
         tile = self.load(path)
         if isinstance(tile, Tile) and tile.array.shape[1:] != (grid.height, grid.width):
             return TileFailure(tile.name, path, f"array {tile.array.shape} does not match its header",
@@ -248,42 +249,76 @@ class WindowSource:
 
 # ---------------------------------------------------------------------------- writer: assembling
 class Assembly:
-    """One windowed tile's output as its windows arrive: sum(w * y) in place, never a list of windows."""
+    """One windowed tile's output, assembled in the tile's own array as its windows arrive.
 
-    def __init__(self, tile: Tile, grid: Grid) -> None:
+    A tile's windows arrive in row-major order (one bucket, one rank, batches in order). The
+    current window row is summed into a strip, sum(w * y); when the row is complete, the tile rows
+    that no later window covers are final: divided by sum(w), clipped, measured for quality, given
+    their no-data NaN, and written over the same input rows, which no window needs any more (later
+    windows start at or below them, and a batch's windows are cut before its outputs are blended).
+    So a windowed tile holds one tile-sized array (its input, turning into its output) and a strip
+    of one window's height, never a list of windows.
+    """
+
+    def __init__(self, tile: Tile, grid: Grid, quality: bool) -> None:
         self.tile = tile
         self.grid = grid
-        self.acc = np.zeros((N_BANDS, grid.height, grid.width), dtype=np.float32)
         self.weights = grid.weights()
-        self.received = 0
+        self.row_sums, self.col_sums = grid.weight_sums()
+        self.strip = np.zeros((N_BANDS, grid.win_h, grid.width), dtype=np.float32)
+        self.row, self.in_row, self.received = 0, 0, 0
         self.model_s = 0.0
         self.cpu_fallback = False
+        self.quality = RowQuality() if quality else None
 
     def add(self, index: int, y: np.ndarray, model_s: float, cpu_fallback: bool) -> bool:
-        """Blend one window's opt_v2 in; True when it was the last."""
-        region = self.grid.cut(self.acc, index)
-        region += y * self.weights[:region.shape[1], :region.shape[2]]
+        """Blend one window's opt_v2 in; True when it was the tile's last."""
+        i, j = divmod(index, len(self.grid.xs))
+        if i != self.row:
+            raise RuntimeError(f"{self.tile.name}: window {index + 1} arrived before window row {self.row + 1} "
+                               "was complete")
+        x = self.grid.xs[j]
+        region = self.strip[:, :y.shape[1], x:x + y.shape[2]]
+        region += y * self.weights[:y.shape[1], :y.shape[2]]
         self.received += 1
         self.model_s += model_s
         self.cpu_fallback |= cpu_fallback
+        self.in_row += 1
+        if self.in_row == len(self.grid.xs):
+            self._finish_row()
         return self.received == self.grid.count
 
-    def result(self) -> np.ndarray:
-        """opt_v2 of the whole tile: the accumulator divided by sum(w) in place (by row blocks), in [0, 1]."""
-        rows, cols = self.grid.weight_sums()
-        step = block_rows(self.acc)
-        for r in row_blocks(self.acc):
-            block = self.acc[:, r:r + step]
-            block /= np.outer(rows[r:r + step], cols).astype(np.float32)
-            np.clip(block, 0.0, 1.0, out=block)    # a weighted mean of values in [0, 1]; guards rounding
-        out, self.acc = self.acc, None
-        return out
+    def _finish_row(self) -> None:
+        ys, i = self.grid.ys, self.row
+        r0, r1 = ys[i], ys[i + 1] if i + 1 < len(ys) else self.grid.height
+        n = r1 - r0
+        out = self.strip[:, :n] / np.outer(self.row_sums[r0:r1], self.col_sums).astype(np.float32)
+        np.clip(out, 0.0, 1.0, out=out)          # a weighted mean of values in [0, 1]; guards rounding
+        v1 = self.tile.array[:, r0:r1]
+        nodata = None if self.tile.nodata is None else self.tile.nodata[r0:r1]
+        if self.quality is not None:
+            self.quality.add(v1, out, None if nodata is None else ~nodata)
+        if nodata is not None:
+            out[:, nodata] = np.nan                # no data in, no data out (SPEC 9)
+        v1[...] = out
+        keep = self.strip.shape[1] - n            # rows the next window row has partly summed already
+        self.strip[:, :keep] = self.strip[:, n:]
+        self.strip[:, keep:] = 0.0
+        self.row, self.in_row = i + 1, 0
+
+    def result(self) -> tuple[np.ndarray, dict[str, float | None] | None]:
+        """The tile's opt_v2 (in its input's array, which it has replaced) and its quality."""
+        if self.received != self.grid.count:
+            raise RuntimeError(f"{self.tile.name}: {self.received} of {self.grid.count} windows")
+        self.strip = None
+        return self.tile.array, None if self.quality is None else self.quality.finish()
 
 
 class Assembler:
     """The writer's open assemblies, by tile name (a tile's windows all arrive on one rank, in order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quality: bool) -> None:
+        self.quality = quality
         self._open: dict[str, Assembly] = {}
 
     def add(self, windows: list[Window], outputs: list[np.ndarray], model_s: float,
@@ -293,7 +328,7 @@ class Assembler:
             name = window.tile.name
             asm = self._open.get(name)
             if asm is None:
-                asm = self._open[name] = Assembly(window.tile, window.grid)
+                asm = self._open[name] = Assembly(window.tile, window.grid, self.quality)
             if asm.add(window.index, y, model_s, fallback):
                 del self._open[name]
                 yield asm

@@ -51,6 +51,8 @@ class Output:
     cpu_fallback: bool
     model_s: float              # this tile's share of model time
     windows: dict[str, Any]     # `processing.windows`
+    assembled: bool = False     # a windowed tile: no-data NaN already in, quality measured strip by strip
+    quality: dict[str, float | None] | None = None
 
 
 class TileWriter(BasePredictionWriter):
@@ -66,7 +68,7 @@ class TileWriter(BasePredictionWriter):
         self.failures: list[dict[str, str]] = []
         self.batch_marks: list[tuple[float, int]] = []    # (time, tiles) at each batch end
         self.model_s = 0.0
-        self.assembler = Assembler()
+        self.assembler = Assembler(quality)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._slots: threading.BoundedSemaphore | None = None
@@ -147,7 +149,8 @@ class TileWriter(BasePredictionWriter):
         done = [Output(t, y, fb, share, whole_tile(y.shape))
                 for t, y, fb in zip(pred.batch.tiles, pred.outputs[:n], pred.cpu_fallback[:n], strict=True)]
         for asm in self.assembler.add(pred.batch.windows, pred.outputs[n:], share, pred.cpu_fallback[n:]):
-            done.append(Output(asm.tile, asm.result(), asm.cpu_fallback, asm.model_s, asm.grid.describe()))
+            opt_v2, q = asm.result()
+            done.append(Output(asm.tile, opt_v2, asm.cpu_fallback, asm.model_s, asm.grid.describe(), True, q))
         return done
 
     def _write_outputs(self, outputs: list[Output], device: str) -> None:
@@ -155,8 +158,8 @@ class TileWriter(BasePredictionWriter):
         for o in outputs:
             tile = o.tile
             try:
-                q = self._quality(tile, o.opt_v2)
-                if tile.nodata is not None:
+                q = o.quality if o.assembled else self._quality(tile, o.opt_v2)
+                if tile.nodata is not None and not o.assembled:
                     o.opt_v2[:, tile.nodata] = np.nan      # no data in, no data out (SPEC 9)
                 processing = {
                     **self.processing,
