@@ -65,14 +65,15 @@ def test_guide_flags_give_the_hydra_runs_outputs_and_skip_existing_works(tmp_pat
     _tiles(inp)
     hydra_out, cli_out = tmp_path / "out_hydra", tmp_path / "out_cli"
 
-    cfg = compose_app("predict", ["trainer.accelerator=cpu"], tmp_path / "run", checkpoint=tiny_ckpt, input_dir=inp,
-                      output_dir=hydra_out)
+    # exact fp32 on both sides (--no_amp is precision=32): bf16 autocast is not bit-reproducible across runs
+    cfg = compose_app("predict", ["trainer.accelerator=cpu", "precision=32"], tmp_path / "run", checkpoint=tiny_ckpt,
+                      input_dir=inp, output_dir=hydra_out)
     assert run(cfg) == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     capsys.readouterr()
-    assert _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", cli_out, "--device", "cpu"],
-                elsewhere, monkeypatch) == 0
+    assert _cli(["--checkpoint", tiny_ckpt, "--input_dir", inp, "--output_dir", cli_out, "--device", "cpu",
+                 "--no_amp"], elsewhere, monkeypatch) == 0
     assert "stage2 summary" in capsys.readouterr().out
 
     _assert_same_outputs(hydra_out, cli_out, len(SIZES))

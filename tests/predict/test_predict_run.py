@@ -98,6 +98,9 @@ def test_lowvr_without_cuda_says_so_and_runs_on_cpu(tmp_path, tiny_ckpt, monkeyp
                       output_dir=tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="stage2"):
         assert run(cfg) == 0
-    assert "CUDA is not available: hardware=lowvr runs on the CPU in fp32" in caplog.text
+    assert "CUDA is not available: hardware=lowvr runs on the CPU" in caplog.text
     js = json.loads((tmp_path / "out" / "a.json").read_text())
-    assert js["processing"]["device"] == "cpu" and js["processing"]["precision"] == "32-true"
+    from stage2.runtime import cpu_has_native_bf16
+
+    auto = "bf16-mixed" if cpu_has_native_bf16() else "32-true"      # precision=auto on a CPU (SPEC 4)
+    assert js["processing"]["device"] == "cpu" and js["processing"]["precision"] == auto

@@ -221,8 +221,8 @@ def test_training_writes_checkpoints_that_load_and_predict(tmp_path, cfg_train, 
     inp = tmp_path / "in"
     make_tile(inp / "x.npz", 40, 40, seed=9)
     out = tmp_path / "out"
-    cfg = compose_app("predict", ["hardware=cpu"], tmp_path / "predict_run", checkpoint=best[0], input_dir=inp,
-                      output_dir=out)
+    cfg = compose_app("predict", ["hardware=cpu", "precision=32"], tmp_path / "predict_run", checkpoint=best[0],
+                      input_dir=inp, output_dir=out)
     assert predict(cfg) == 0
     v2 = read_output(out / "x.npz")
     with torch.inference_mode():
