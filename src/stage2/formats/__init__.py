@@ -28,11 +28,40 @@ def is_input(name: str) -> bool:
     return not base.startswith(".") and Path(base).suffix.lower() in INPUT_SUFFIXES
 
 
-def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *,
+def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *, nan_policy: str = "fail",
               input_scale: float | None, input_offset: float | None) -> tiles.Tile:
     """Read and validate one tile of either format and its sidecar; TileError with reason and hint."""
     reader = geotiff.read_tile if is_geotiff(path) else tiles.read_tile
-    return reader(path, input_dir, input_scale=input_scale, input_offset=input_offset)
+    return reader(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
+
+
+def load_tile(path: Path, input_dir: Path, *, nan_policy: str, input_scale: float | None,
+              input_offset: float | None, clashes: Container[str] = ()) -> tiles.Tile | tiles.TileFailure:
+    """read_tile that never raises: a bad tile becomes a TileFailure (the run goes on, exit 1).
+
+    `clashes`: output names that more than one input would write (`a.npz` beside `a.tif`); both fail.
+    """
+    name = tiles.tile_name(path, input_dir)
+    if tiles.is_reserved(name):
+        return tiles.TileFailure(name, path, f"its output {name}.json would overwrite the run's own files "
+                                 f"({tiles.RESERVED_PREFIX}*)",
+                                 f"rename the tile: no name may start with {tiles.RESERVED_PREFIX}")
+    if name in clashes:
+        return tiles.TileFailure(name, path, f"another input in input_dir has the same name {name!r} "
+                                 "(e.g. a.npz beside a.tif) and would write the same output",
+                                 "keep one format of this tile in input_dir, or rename one of them")
+    try:
+        return read_tile(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
+    except tiles.TileError as e:
+        return tiles.TileFailure(name, path, e.reason, e.hint)
+    except Exception as e:  # anything unexpected still must not stop the run
+        return tiles.TileFailure(name, path, f"unexpected error: {type(e).__name__}: {e}",
+                                 "report this tile to the stage2 maintainers")
+
+
+def clashing_names(files: Iterable[Path], input_dir: Path) -> set[str]:
+    """Output names that more than one of `files` would write (a.npz beside a.tif): those inputs all fail."""
+    return set(input_keys(tiles.tile_name(f, input_dir) + f.suffix for f in files)[1])
 
 
 def peek_shape(path: str | os.PathLike) -> tuple[int, ...] | None:

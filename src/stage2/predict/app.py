@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .. import CONF_DIR, __version__
+from ..formats import INPUT_SUFFIXES, clashing_names
 from ..runtime import (
     EXIT_STOPPED,
     RunError,
@@ -66,6 +67,7 @@ class Plan:
     stale: int = 0                   # redone because their input changed (summary: redone_stale)
     untrusted: list[str] = field(default_factory=list)   # existing outputs that are redone
     fingerprint: dict[str, Any] = field(default_factory=dict)   # the checkpoint's (checkpoint.fingerprint)
+    clashes: set[str] = field(default_factory=set)   # output names of more than one input (a.npz + a.tif): all fail
 
 
 @dataclass
@@ -114,25 +116,28 @@ def plan(cfg: DictConfig) -> Plan:
         raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
     require_dir(input_dir, "input_dir", "point input_dir at the folder of Stage 1 tiles")
     check_output_dir(input_dir, output_dir)
-    files, ignored = discover(input_dir, bool(cfg.recursive), exclude=output_dir)
+    files, ignored = discover(input_dir, bool(cfg.recursive), exclude=output_dir, suffixes=INPUT_SUFFIXES)
     for p in ignored:
-        log.warning("ignored %s: named .npz but not a file", p)
+        log.warning("ignored %s: named like a tile but not a file", p)
     if not files:
-        raise RunError(f"No NPZ tiles found in {input_dir}")
-    return Plan(input_dir, output_dir, ckpt, files, ignored)
+        raise RunError(f"No tiles (*.npz, *.tif, *.tiff) found in {input_dir}")
+    return Plan(input_dir, output_dir, ckpt, files, ignored, clashes=clashing_names(files, input_dir))
 
 
 def trust(cfg: DictConfig, p: Plan) -> None:
     """Under the lock: fingerprint the checkpoint and decide which outputs are done (stage2.predict.resume)."""
     from ..checkpoint import fingerprint
+    from ..tiles import tile_name
     from .resume import decide, foreign_error
     from .summary import previous_fingerprint
 
     p.fingerprint = fingerprint(p.checkpoint, previous_fingerprint(p.output_dir))
-    r = decide(p.files, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing))
+    clashed = [f for f in p.files if tile_name(f, p.input_dir) in p.clashes]    # never done: they fail each run
+    unique = [f for f in p.files if tile_name(f, p.input_dir) not in p.clashes]
+    r = decide(unique, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing))
     if r.foreign and cfg.skip_existing:
         raise foreign_error(r, p.output_dir, p.checkpoint, p.fingerprint["sha256"])
-    p.todo, p.done, p.stale, p.untrusted = r.todo, r.done, r.stale, r.untrusted
+    p.todo, p.done, p.stale, p.untrusted = sorted(r.todo + clashed), r.done, r.stale, r.untrusted
 
 
 def nothing_to_do(p: Plan, outcome: dict[str, Any]) -> int:
@@ -166,7 +171,8 @@ def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
 
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
-    data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size)
+    data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size,
+                                 clashes=p.clashes)
     processing = {
         "checkpoint": str(p.checkpoint.resolve()),
         "checkpoint_sha256": p.fingerprint["sha256"],

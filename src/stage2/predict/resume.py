@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import formats
 from ..runtime import RunError
 from ..tiles import OUTPUT_KEY, input_state, is_reserved, output_paths, peek_shape, tile_name
 
@@ -52,7 +53,7 @@ def verdict(output_dir: Path, name: str, input_path: Path, sha256: str) -> tuple
         processing = None
     if not isinstance(processing, dict):
         return INCOMPLETE, {}
-    want = peek_shape(input_path)
+    want = formats.peek_shape(input_path)
     if want is None or peek_shape(npz, OUTPUT_KEY) != want:     # cut short, damaged, or not this input's
         return INCOMPLETE, processing
     if processing.get("checkpoint_sha256") != sha256:
