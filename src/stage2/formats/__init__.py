@@ -7,12 +7,17 @@ only when a GeoTIFF is opened.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Container, Iterable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .. import tiles
-from . import geotiff
+from ..storage import Folder
+from . import cog, geotiff
 
 NPZ_SUFFIX = ".npz"
 INPUT_SUFFIXES = (NPZ_SUFFIX, *geotiff.SUFFIXES)
@@ -98,3 +103,34 @@ def output_keys(name: str, output_format: str) -> list[str]:
 def is_done(listing: Container[str], name: str, output_format: str) -> bool:
     """Whether a listing holds every file of `name`'s output in this format (a JSON of another format's run is not)."""
     return all(key in listing for key in output_keys(name, output_format))
+
+
+def write_output(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, meta: dict[str, Any], *,
+                 output_format: str, geo: tiles.GeoRef | None, cog_settings: cog.CogSettings) -> bool:
+    """Write one tile's output files, each atomically, data first and `<name>.json` last (SPEC 3, 10);
+    return whether it is georeferenced (a COG without `geo` is not; an NPZ-only output counts as it is).
+
+    As tiles.write_tile: the JSON is encoded before anything is written, an older JSON is removed
+    before the data files are replaced, and the data files written are removed again when a later
+    file fails (a COG with a CRS GDAL does not know: TileError), so a failed tile leaves no output.
+    The output folder itself is never created (a vanished folder stops the run).
+    """
+    folder = Folder(output_dir)
+    text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
+    *data, js = output_keys(name, output_format)
+    folder.delete(js)
+    written, georeferenced = [], True
+    try:
+        for key in data:
+            if key.endswith(NPZ_SUFFIX):
+                folder.write(key, lambda f: np.savez(f, **{tiles.OUTPUT_KEY: arr}))
+            else:
+                georeferenced = cog.write_cog(folder, key, arr, geo, cog_settings)
+            written.append(key)
+        folder.write_bytes(js, text.encode("utf-8"))
+    except BaseException:
+        for key in written:
+            folder.delete(key)
+        raise
+    return georeferenced

@@ -134,7 +134,8 @@ def trust(cfg: DictConfig, p: Plan) -> None:
     p.fingerprint = fingerprint(p.checkpoint, previous_fingerprint(p.output_dir))
     clashed = [f for f in p.files if tile_name(f, p.input_dir) in p.clashes]    # never done: they fail each run
     unique = [f for f in p.files if tile_name(f, p.input_dir) not in p.clashes]
-    r = decide(unique, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing))
+    r = decide(unique, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing),
+               str(cfg.output_format))
     if r.foreign and cfg.skip_existing:
         raise foreign_error(r, p.output_dir, p.checkpoint, p.fingerprint["sha256"])
     p.todo, p.done, p.stale, p.untrusted = sorted(r.todo + clashed), r.done, r.stale, r.untrusted
@@ -226,6 +227,7 @@ def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any]
         found=len(p.files), processed=len(records), skipped=p.done, failed=len(failures),
         ignored=len(p.ignored), redone_stale=p.stale, metadata_defaults=sum(r.defaults for r in records),
         clipped=sum(r.clipped for r in records), cpu_fallbacks=sum(r.cpu_fallback for r in records),
+        not_georeferenced=sum(not r.georeferenced for r in records),
         tiles_per_s=round(tiles_per_s, 3), wall_s=round(time.perf_counter() - t0, 3), device=device,
         precision=parts.processing["precision"], batch_size=int(cfg.batch_size),
         model=parts.processing["model"], checkpoint=parts.processing["checkpoint"],
