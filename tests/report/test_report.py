@@ -177,7 +177,7 @@ def test_run_level_errors_exit_2(run, tmp_path):
     assert r.returncode == 2 and "input_dir is not set" in r.stderr
     (tmp_path / "empty").mkdir()
     r = run_cli([f"input_dir={tmp_path / 'empty'}", f"output_dir={out}"], cwd=tmp_path, module="stage2.report")
-    assert r.returncode == 2 and f"No NPZ tiles found in {tmp_path / 'empty'}" in r.stderr
+    assert r.returncode == 2 and f"No tiles (*.npz, *.tif, *.tiff) found in {tmp_path / 'empty'}" in r.stderr
     assert not missing.exists()
 
 
