@@ -38,7 +38,7 @@ from ..runtime import (
     register_resolvers,
     require_dir,
 )
-from ..tiles import NAN_POLICIES, discover, remove_stale_temporaries
+from ..tiles import NAN_POLICIES, discover, remove_stale_temporaries, tile_name
 from .lock import RunLock
 from .preflight import check_output_dir, check_settings
 
@@ -127,7 +127,6 @@ def plan(cfg: DictConfig) -> Plan:
 def trust(cfg: DictConfig, p: Plan) -> None:
     """Under the lock: fingerprint the checkpoint and decide which outputs are done (stage2.predict.resume)."""
     from ..checkpoint import fingerprint
-    from ..tiles import tile_name
     from .resume import decide, foreign_error
     from .summary import previous_fingerprint
 
