@@ -45,7 +45,7 @@ def main() -> None:
             np.savez(path, opt_v1=arr)
             write_tile(out, path.stem, arr, {"processing": {"checkpoint_sha256": "x", **input_state(path)}})
         files, _ = discover(inp)
-        trust = best_of(lambda: decide(files, inp, out, "x", True))
+        trust = best_of(lambda: decide(files, inp, out, "x", True, "npz"))
         exists = best_of(lambda: [is_done(out, tile_name(f, inp)) for f in files])
         n = len(files)
         print(f"tiles                    {n}")

@@ -106,8 +106,10 @@ def tile_name(path: Path, input_dir: Path) -> str:
     return path.relative_to(input_dir).with_suffix("").as_posix()
 
 
-def discover(input_dir: Path, recursive: bool = False, exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
-    """Sorted NPZ files in input_dir, and the entries named *.npz that are not files (ignored).
+def discover(input_dir: Path, recursive: bool = False, exclude: Path | None = None,
+             suffixes: tuple[str, ...] = (".npz",)) -> tuple[list[Path], list[Path]]:
+    """Sorted tile files in input_dir (names ending in `suffixes`, any letter case; predict passes
+    formats.INPUT_SUFFIXES), and the entries so named that are not files (ignored).
 
     With `recursive`, sub-folders are followed also when they are symbolic links (each real folder
     once, so a link loop ends); hidden files and folders are skipped, and so is `exclude` (the
@@ -123,8 +125,8 @@ def discover(input_dir: Path, recursive: bool = False, exclude: Path | None = No
         seen.add(here)
         visible = sorted(d for d in subdirs if not d.startswith("."))
         subdirs[:] = visible if recursive else []
-        for name in names + [d for d in visible if d.endswith(".npz")]:
-            if name.endswith(".npz") and not name.startswith("."):
+        for name in names + [d for d in visible if d.lower().endswith(suffixes)]:
+            if name.lower().endswith(suffixes) and not name.startswith("."):
                 p = Path(folder) / name
                 (files if p.is_file() else ignored).append(p)
     return sorted(files), sorted(ignored)
@@ -491,31 +493,23 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
     geo = georef_from_sidecar(meta, path.with_suffix(".json").name)
     tile = Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
                 defaults=defaults, clipped=clipped, geo=geo, source=source)
-    if nan_policy == "mask":
-        mask = nodata_mask(arr)
-        tile.masked = int(np.count_nonzero(mask))
-        if tile.masked == mask.size:
-            raise TileError(f"no valid pixel: all {mask.size} pixels are NaN (no data) in at least one band",
-                            "nothing to refine here: leave this tile out of input_dir")
-        if tile.masked:
-            fill_nearest(arr, mask)
-            tile.nodata = mask
+    return apply_nan_policy(tile, nan_policy)
+
+
+def apply_nan_policy(tile: Tile, nan_policy: str) -> Tile:
+    """Under nan_policy=mask, mark the tile's NaN pixels (Tile.nodata) and fill them from their nearest
+    valid pixel for the model; a tile with no valid pixel fails. Shared by the NPZ and GeoTIFF readers."""
+    if nan_policy != "mask":
+        return tile
+    mask = nodata_mask(tile.array)
+    tile.masked = int(np.count_nonzero(mask))
+    if tile.masked == mask.size:
+        raise TileError(f"no valid pixel: all {mask.size} pixels are NaN (no data) in at least one band",
+                        "nothing to refine here: leave this tile out of input_dir")
+    if tile.masked:
+        fill_nearest(tile.array, mask)
+        tile.nodata = mask
     return tile
-
-
-def load_tile(path: Path, input_dir: Path, *, nan_policy: str) -> Tile | TileFailure:
-    """read_tile that never raises: a bad tile becomes a TileFailure."""
-    name = tile_name(path, input_dir)
-    if is_reserved(name):
-        return TileFailure(name, path, f"its output {name}.json would overwrite the run's own files "
-                           f"({RESERVED_PREFIX}*)", f"rename the tile: no name may start with {RESERVED_PREFIX}")
-    try:
-        return read_tile(path, input_dir, nan_policy=nan_policy)
-    except TileError as e:
-        return TileFailure(tile_name(path, input_dir), path, e.reason, e.hint)
-    except Exception as e:  # anything unexpected still must not stop the run
-        return TileFailure(tile_name(path, input_dir), path, f"unexpected error: {type(e).__name__}: {e}",
-                           "report this tile to the stage2 maintainers")
 
 
 # --------------------------------------------------------------------------- writing

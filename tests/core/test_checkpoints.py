@@ -90,14 +90,15 @@ def test_code_running_pickle_from_the_command_line(tmp_path, tiny_model, tiny_ck
 
 
 @pytest.mark.parametrize("setup,words", [
-    (lambda tmp: None, "No NPZ tiles found in"),
-    (lambda tmp: (tmp / "in" / "x.txt").write_text("x"), "No NPZ tiles found in"),
+    (lambda tmp: None, "No tiles (*.npz, *.tif, *.tiff) found in"),
+    (lambda tmp: (tmp / "in" / "x.txt").write_text("x"), "No tiles (*.npz, *.tif, *.tiff) found in"),
 ])
 def test_no_tiles_is_a_run_error(tmp_path, tiny_ckpt, capsys, setup, words):
     (tmp_path / "in").mkdir()
     setup(tmp_path)
     assert run(_cfg(tiny_ckpt, tmp_path / "in", tmp_path / "out")) == 2
-    assert capsys.readouterr().err.strip() == f"stage2: error: No NPZ tiles found in {tmp_path / 'in'}"
+    expected = f"stage2: error: No tiles (*.npz, *.tif, *.tiff) found in {tmp_path / 'in'}"
+    assert capsys.readouterr().err.strip() == expected
     assert not (tmp_path / "out").exists()
 
 

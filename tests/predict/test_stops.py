@@ -41,15 +41,15 @@ def _write_hook(monkeypatch, after, action):
     """Run `action()` once `after` tiles have been written (the folder fails mid-run)."""
     from stage2.predict import writer
 
-    real, calls = writer.write_tile, []
+    real, calls = writer.write_output, []
 
-    def write_tile(*a, **k):
+    def write_output(*a, **k):
         if len(calls) == after:
             action()
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(writer, "write_tile", write_tile)
+    monkeypatch.setattr(writer, "write_output", write_output)
 
 
 @pytest.mark.parametrize("threads", [0, 2])      # written between batches (cpu profile) or by writer threads (GPUs)

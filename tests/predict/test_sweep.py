@@ -86,7 +86,7 @@ def test_sweep_runs_every_aoi_and_reports_each(tmp_path, tiny_ckpt):
     assert sorted(lines) == ["amazon", "brazil", "iowa", "kenya"]
     assert "exit 0  processed 3  failed 0" in lines["iowa"]
     assert "exit 1  processed 2  failed 1" in lines["brazil"]
-    assert "exit 2  error: No NPZ tiles found in" in lines["kenya"]
+    assert "exit 2  error: No tiles (*.npz, *.tif, *.tiff) found in" in lines["kenya"]
     assert "exit 2  error: input_dir" in lines["amazon"] and "does not exist" in lines["amazon"]
 
 

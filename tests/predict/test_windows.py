@@ -27,12 +27,13 @@ from hydra import compose, initialize_config_dir
 
 import stage2
 from helpers import make_tile, run_cli
+from stage2.formats import load_tile
 from stage2.model import CONF_DIR
 from stage2.predict.app import run
 from stage2.predict.data import SizeBucketBatchSampler, TileDataModule
 from stage2.predict.windows import Assembly, WindowRef, WindowSettings, WindowSource, grid_for, positions
 from stage2.quality import tile_quality
-from stage2.tiles import TileFailure, load_tile, read_output
+from stage2.tiles import TileFailure, read_output
 
 SIZE, OVERLAP, ABOVE = 256, 64, 512          # conf/predict.yaml's defaults
 FLOOR = 1e-3
@@ -168,7 +169,7 @@ def test_a_tile_too_large_for_memory_fails_alone_naming_its_size_and_the_limit(t
     make_tile(tmp_path / "big.npz", 600, 300)
     grid = grid_for((4, 600, 300), WindowSettings(SIZE, OVERLAP, ABOVE), 16)
     monkeypatch.setattr("stage2.predict.windows.available_memory", lambda: 2**20)
-    load = lambda p: load_tile(p, tmp_path, nan_policy="fail")   # noqa: E731
+    load = lambda p: load_tile(p, tmp_path, nan_policy="fail", input_scale=None, input_offset=None)   # noqa: E731
     source = WindowSource([tmp_path / "big.npz"], {0: grid}, load, lambda p: p.stem)
     got = [source.take(WindowRef(0, k, grid.count)) for k in range(grid.count)]
     assert isinstance(got[0], TileFailure) and got[1:] == [None] * (grid.count - 1)   # reported once
@@ -225,7 +226,8 @@ def test_progress_advances_through_a_large_tile_by_windows(windowed_run):
     root, inp, tiles, r = windowed_run
     files = sorted(inp.glob("*.npz"))
     data = TileDataModule(files=files, input_dir=inp, batch_size=3, num_workers=0, pin_memory=False, patch_size=16,
-                          nan_policy="fail", window={"size": SIZE, "overlap": OVERLAP, "above": ABOVE})
+                          nan_policy="fail", window={"size": SIZE, "overlap": OVERLAP, "above": ABOVE},
+                          input_scale=None, input_offset=0.0, clashes=())
     assert data.tiles_on_rank(0, 1) == pytest.approx(4)
     assert sum(data.tiles_on_rank(r, 2) for r in range(2)) == pytest.approx(4)
     shown = [float(n) for n in re.findall(r"\| ([\d.]+)/4 \[", r.stdout)]

@@ -191,7 +191,8 @@ def test_run_level_errors_exit_2(run, tmp_path, capsys):
         "stage2 report: error: input_dir is not set: pass input_dir=DIR (the Stage 1 tiles the run read)"]
     (tmp_path / "empty").mkdir()
     assert _report(tmp_path / "empty", out) == 2
-    assert f"stage2 report: error: No NPZ tiles found in {tmp_path / 'empty'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"stage2 report: error: No tiles (*.npz, *.tif, *.tiff) found in {tmp_path / 'empty'}" in err
     assert _report(inp, out, max_tiles=-1, report_dir=tmp_path / "r") == 2
     assert capsys.readouterr().err.splitlines() == ["stage2 report: error: max_tiles=-1: pass 0 or more"]
     assert not missing.exists() and not (tmp_path / "r").exists()

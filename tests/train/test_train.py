@@ -378,3 +378,23 @@ def test_after_a_resume_the_exported_pt_is_the_best_over_both_runs(tmp_path, mon
                                                   strict=True))
     summary = json.loads((second / "train_summary.json").read_text())
     assert summary["lightning_checkpoint"] == str(best_first)
+
+
+def test_evaluate_reads_geotiff_inputs_and_cog_outputs(tmp_path):
+    from geotiffs import write_geotiff
+    from stage2.formats import write_output
+    from stage2.formats.cog import CogSettings
+    from stage2.train.evaluate import evaluate_dirs
+
+    truth, s1, out = tmp_path / "truth", tmp_path / "s1", tmp_path / "out"
+    a = make_tile(truth / "t0.npz", 32, 40, seed=0)
+    v1 = np.clip(a + 0.05, 0, 1)
+    write_geotiff(s1 / "t0.tif", v1)
+    out.mkdir()
+    settings = CogSettings(compress="zstd", level=1, blocksize=256, overviews="auto", resampling="average")
+    write_output(out, "t0", (a + v1) / 2, {}, output_format="cog", geo=None, cog_settings=settings)
+
+    ev = evaluate_dirs(truth, s1, out)
+
+    assert [t.name for t in ev.tiles] == ["t0"] and not (out / "t0.npz").exists()
+    assert ev.tiles[0].after["rmse"] == pytest.approx(ev.tiles[0].before["rmse"] / 2, rel=1e-4)

@@ -7,12 +7,17 @@ only when a GeoTIFF is opened.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Container, Iterable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .. import tiles
-from . import geotiff
+from ..storage import Folder
+from . import cog, geotiff
 
 NPZ_SUFFIX = ".npz"
 INPUT_SUFFIXES = (NPZ_SUFFIX, *geotiff.SUFFIXES)
@@ -28,11 +33,40 @@ def is_input(name: str) -> bool:
     return not base.startswith(".") and Path(base).suffix.lower() in INPUT_SUFFIXES
 
 
-def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *,
+def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *, nan_policy: str = "fail",
               input_scale: float | None, input_offset: float | None) -> tiles.Tile:
     """Read and validate one tile of either format and its sidecar; TileError with reason and hint."""
     reader = geotiff.read_tile if is_geotiff(path) else tiles.read_tile
-    return reader(path, input_dir, input_scale=input_scale, input_offset=input_offset)
+    return reader(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
+
+
+def load_tile(path: Path, input_dir: Path, *, nan_policy: str, input_scale: float | None,
+              input_offset: float | None, clashes: Container[str] = ()) -> tiles.Tile | tiles.TileFailure:
+    """read_tile that never raises: a bad tile becomes a TileFailure (the run goes on, exit 1).
+
+    `clashes`: output names that more than one input would write (`a.npz` beside `a.tif`); both fail.
+    """
+    name = tiles.tile_name(path, input_dir)
+    if tiles.is_reserved(name):
+        return tiles.TileFailure(name, path, f"its output {name}.json would overwrite the run's own files "
+                                 f"({tiles.RESERVED_PREFIX}*)",
+                                 f"rename the tile: no name may start with {tiles.RESERVED_PREFIX}")
+    if name in clashes:
+        return tiles.TileFailure(name, path, f"another input in input_dir has the same name {name!r} "
+                                 "(e.g. a.npz beside a.tif) and would write the same output",
+                                 "keep one format of this tile in input_dir, or rename one of them")
+    try:
+        return read_tile(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
+    except tiles.TileError as e:
+        return tiles.TileFailure(name, path, e.reason, e.hint)
+    except Exception as e:  # anything unexpected still must not stop the run
+        return tiles.TileFailure(name, path, f"unexpected error: {type(e).__name__}: {e}",
+                                 "report this tile to the stage2 maintainers")
+
+
+def clashing_names(files: Iterable[Path], input_dir: Path) -> set[str]:
+    """Output names that more than one of `files` would write (a.npz beside a.tif): those inputs all fail."""
+    return set(input_keys(tiles.tile_name(f, input_dir) + f.suffix for f in files)[1])
 
 
 def peek_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
@@ -69,3 +103,34 @@ def output_keys(name: str, output_format: str) -> list[str]:
 def is_done(listing: Container[str], name: str, output_format: str) -> bool:
     """Whether a listing holds every file of `name`'s output in this format (a JSON of another format's run is not)."""
     return all(key in listing for key in output_keys(name, output_format))
+
+
+def write_output(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, meta: dict[str, Any], *,
+                 output_format: str, geo: tiles.GeoRef | None, cog_settings: cog.CogSettings) -> bool:
+    """Write one tile's output files, each atomically, data first and `<name>.json` last (SPEC 3, 10);
+    return whether it is georeferenced (a COG without `geo` is not; an NPZ-only output counts as it is).
+
+    As tiles.write_tile: the JSON is encoded before anything is written, an older JSON is removed
+    before the data files are replaced, and the data files written are removed again when a later
+    file fails (a COG with a CRS GDAL does not know: TileError), so a failed tile leaves no output.
+    The output folder itself is never created (a vanished folder stops the run).
+    """
+    folder = Folder(output_dir)
+    text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
+    *data, js = output_keys(name, output_format)
+    folder.delete(js)
+    written, georeferenced = [], True
+    try:
+        for key in data:
+            if key.endswith(NPZ_SUFFIX):
+                folder.write(key, lambda f: np.savez(f, **{tiles.OUTPUT_KEY: arr}))
+            else:
+                georeferenced = cog.write_cog(folder, key, arr, geo, cog_settings)
+            written.append(key)
+        folder.write_bytes(js, text.encode("utf-8"))
+    except BaseException:
+        for key in written:
+            folder.delete(key)
+        raise
+    return georeferenced

@@ -51,7 +51,7 @@ def write_cog(folder: Folder, key: str, opt_v2: np.ndarray, geo: GeoRef | None, 
     """Write `opt_v2` (4, H, W) to `key` in `folder` as a COG, atomically; return whether it is georeferenced.
 
     Without `geo` the file has no CRS or transform, and the caller counts it (`not_georeferenced`).
-    A CRS that GDAL does not know is a TileError (the tile fails; its NPZ output, if any, stays).
+    A CRS that GDAL does not know is a TileError (the tile fails; formats.write_output removes its NPZ).
     """
     arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[0] != N_BANDS:
@@ -130,6 +130,31 @@ def read_cog(source: str | os.PathLike) -> CogOutput:
         if ds.count != N_BANDS:
             raise TileError(f"{ds.count} bands, expected 4 {list(BANDS)}", "this is not a stage2 COG output")
         return CogOutput(array=ds.read(out_dtype="float32"), geo=georef_of(ds), descriptions=tuple(ds.descriptions))
+    finally:
+        ds.close()
+
+
+def complete_shape(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """(bands, H, W) of a COG output whose every block lies inside the file; None when it is cut short or unreadable.
+
+    A truncated TIFF still opens (its header is at the start), so a rerun checks where the blocks
+    end: reading the block offsets from the header costs no pixel read.
+    """
+    from .geotiff import open_dataset
+
+    try:
+        ds = open_dataset(path)
+    except TileError:
+        return None
+    try:
+        size = os.path.getsize(path)
+        for band in {1, ds.count}:
+            for (row, col), _ in ds.block_windows(band):
+                offset = ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=band)
+                length = ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=band)
+                if offset is None or length is None or int(offset) + int(length) > size:
+                    return None
+        return ds.count, ds.height, ds.width
     finally:
         ds.close()
 

@@ -2,8 +2,8 @@
 
 Float rasters are reflectance; integer rasters are digital numbers scaled by tiles.to_reflectance
 (input_scale, input_offset), the same function the NPZ reader uses. No-data pixels (the file's
-nodata value or its mask) come back as NaN: read_tile reports them (nan_policy=mask will keep
-them). Reads go by row blocks into one float32 array, so memory holds the result and one block,
+nodata value or its mask) come back as NaN: read_tile fails them, or keeps them under nan_policy=mask.
+Reads go by row blocks into one float32 array, so memory holds the result and one block,
 never the raster twice; GeoTiff.read(window) reads one window (the windows of a scene).
 
 rasterio is imported inside the functions: `import stage2` and the NPZ path stay light.
@@ -24,9 +24,12 @@ from ..tiles import (
     BANDS,
     DN_HINT,
     N_BANDS,
+    NAN_POLICIES,
     GeoRef,
     Tile,
     TileError,
+    apply_nan_policy,
+    input_state,
     read_sidecar,
     tile_name,
     to_reflectance,
@@ -149,30 +152,41 @@ def peek_shape(source: str | os.PathLike) -> tuple[int, ...] | None:
         return None
 
 
-def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *,
+def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *, nan_policy: str = "fail",
               input_scale: float | None, input_offset: float | None) -> Tile:
     """Read and validate one GeoTIFF tile and its `<stem>.json` sidecar into a Tile; TileError if it is bad.
 
-    No-data pixels fail the tile here (reason: how many, and the nodata value); nan_policy=mask
-    will let them through as NaN. The georeferencing comes from the file (a sidecar's is ignored).
+    No-data pixels (the file's nodata value or mask) are NaN: under nan_policy=fail they fail the
+    tile (reason: how many, and the nodata value); under mask they are filled for the model and NaN
+    in opt_v2, as for an NPZ (tiles.apply_nan_policy). The georeferencing comes from the file.
     """
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy={nan_policy!r}: use one of {list(NAN_POLICIES)}")
     path = Path(path)
     name = tile_name(path, Path(input_dir)) if input_dir is not None else path.stem
     if not path.is_file():
         raise TileError("not a regular file", "remove it or point input_dir at the tiles")
+    source = input_state(path)      # before reading: a change while it is read shows on the next run
     with GeoTiff(path, input_scale=input_scale, input_offset=input_offset) as tif:
         raw = tif.read()
         header = tif.header
+    if nan_policy == "fail" and header.has_mask:
+        _fail_on_nodata(raw, header)
+    arr, clipped = validate_array(raw, allow_nan=nan_policy == "mask")
+    meta, month, biome, defaults = read_sidecar(path)
+    tile = Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
+                defaults=defaults, clipped=clipped, geo=header.geo, source=source)
+    return apply_nan_policy(tile, nan_policy)
+
+
+def _fail_on_nodata(raw: np.ndarray, header: Header) -> None:
+    """The nan_policy=fail error for a GeoTIFF's no-data pixels, naming its nodata value."""
     n_nodata = int(np.count_nonzero(np.isnan(raw).any(axis=0)))
-    if n_nodata and header.has_mask:
+    if n_nodata:
         value = f"nodata value {header.nodata:g}" if header.nodata is not None else "mask"
         raise TileError(f"{n_nodata} no-data pixels (the file's {value})",
-                        "crop Stage 1 tiles to valid pixels, or fill them (nan_policy=mask will refine "
-                        "the valid pixels and keep these as NaN)")
-    arr, clipped = validate_array(raw)
-    meta, month, biome, defaults = read_sidecar(path)
-    return Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
-                defaults=defaults, clipped=clipped, geo=header.geo)
+                        "crop Stage 1 tiles to valid pixels, or fill them, or run with nan_policy=mask to "
+                        "refine the valid pixels and keep these as NaN")
 
 
 # ---------------------------------------------------------------------------- rasterio

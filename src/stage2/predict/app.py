@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .. import CONF_DIR, __version__
+from ..formats import INPUT_SUFFIXES, clashing_names
 from ..runtime import (
     EXIT_STOPPED,
     RunError,
@@ -37,7 +38,7 @@ from ..runtime import (
     register_resolvers,
     require_dir,
 )
-from ..tiles import NAN_POLICIES, discover, remove_stale_temporaries
+from ..tiles import NAN_POLICIES, discover, remove_stale_temporaries, tile_name
 from .lock import RunLock
 from .preflight import check_output_dir, check_settings
 
@@ -66,6 +67,7 @@ class Plan:
     stale: int = 0                   # redone because their input changed (summary: redone_stale)
     untrusted: list[str] = field(default_factory=list)   # existing outputs that are redone
     fingerprint: dict[str, Any] = field(default_factory=dict)   # the checkpoint's (checkpoint.fingerprint)
+    clashes: set[str] = field(default_factory=set)   # output names of more than one input (a.npz + a.tif): all fail
 
 
 @dataclass
@@ -114,12 +116,12 @@ def plan(cfg: DictConfig) -> Plan:
         raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
     require_dir(input_dir, "input_dir", "point input_dir at the folder of Stage 1 tiles")
     check_output_dir(input_dir, output_dir)
-    files, ignored = discover(input_dir, bool(cfg.recursive), exclude=output_dir)
+    files, ignored = discover(input_dir, bool(cfg.recursive), exclude=output_dir, suffixes=INPUT_SUFFIXES)
     for p in ignored:
-        log.warning("ignored %s: named .npz but not a file", p)
+        log.warning("ignored %s: named like a tile but not a file", p)
     if not files:
-        raise RunError(f"No NPZ tiles found in {input_dir}")
-    return Plan(input_dir, output_dir, ckpt, files, ignored)
+        raise RunError(f"No tiles (*.npz, *.tif, *.tiff) found in {input_dir}")
+    return Plan(input_dir, output_dir, ckpt, files, ignored, clashes=clashing_names(files, input_dir))
 
 
 def trust(cfg: DictConfig, p: Plan) -> None:
@@ -129,10 +131,13 @@ def trust(cfg: DictConfig, p: Plan) -> None:
     from .summary import previous_fingerprint
 
     p.fingerprint = fingerprint(p.checkpoint, previous_fingerprint(p.output_dir))
-    r = decide(p.files, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing))
+    clashed = [f for f in p.files if tile_name(f, p.input_dir) in p.clashes]    # never done: they fail each run
+    unique = [f for f in p.files if tile_name(f, p.input_dir) not in p.clashes]
+    r = decide(unique, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing),
+               str(cfg.output_format))
     if r.foreign and cfg.skip_existing:
         raise foreign_error(r, p.output_dir, p.checkpoint, p.fingerprint["sha256"])
-    p.todo, p.done, p.stale, p.untrusted = r.todo, r.done, r.stale, r.untrusted
+    p.todo, p.done, p.stale, p.untrusted = sorted(r.todo + clashed), r.done, r.stale, r.untrusted
 
 
 def nothing_to_do(p: Plan, outcome: dict[str, Any]) -> int:
@@ -166,7 +171,8 @@ def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
 
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
-    data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size)
+    data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size,
+                                 clashes=p.clashes)
     processing = {
         "checkpoint": str(p.checkpoint.resolve()),
         "checkpoint_sha256": p.fingerprint["sha256"],
@@ -220,6 +226,7 @@ def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any]
         found=len(p.files), processed=len(records), skipped=p.done, failed=len(failures),
         ignored=len(p.ignored), redone_stale=p.stale, metadata_defaults=sum(r.defaults for r in records),
         clipped=sum(r.clipped for r in records), cpu_fallbacks=sum(r.cpu_fallback for r in records),
+        not_georeferenced=sum(not r.georeferenced for r in records),
         tiles_per_s=round(tiles_per_s, 3), wall_s=round(time.perf_counter() - t0, 3), device=device,
         precision=parts.processing["precision"], batch_size=int(cfg.batch_size),
         model=parts.processing["model"], checkpoint=parts.processing["checkpoint"],

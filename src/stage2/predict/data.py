@@ -13,7 +13,7 @@ main process cuts their pixels in `on_before_batch_transfer`, from the tile it r
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..formats import load_tile, peek_shape
 from ..model import pad_to_multiple, padded_size
-from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, load_tile, peek_shape, tile_name
+from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, tile_name
 from .windows import Grid, Window, WindowRef, WindowSettings, WindowSource, grid_for
 
 
@@ -90,11 +91,11 @@ class TileDataset(Dataset):
     """Reads and validates one tile per item (a bad tile becomes a TileFailure, never an exception);
     a window item gives its WindowRef, cut later in the main process."""
 
-    def __init__(self, files: Sequence[Path], input_dir: Path, items: Sequence[Item], nan_policy: str) -> None:
+    def __init__(self, files: Sequence[Path], items: Sequence[Item],
+                 load: Callable[[Path], Tile | TileFailure]) -> None:
         self.files = list(files)
-        self.input_dir = Path(input_dir)
         self.items = list(items)
-        self.nan_policy = nan_policy
+        self.load = load          # a partial of formats.load_tile: picklable for spawned workers
 
     def __len__(self) -> int:
         return len(self.items)
@@ -103,7 +104,7 @@ class TileDataset(Dataset):
         item = self.items[index]
         if item.window is not None:
             return WindowRef(item.file, item.window, item.of)
-        return load_tile(self.files[item.file], self.input_dir, nan_policy=self.nan_policy)
+        return self.load(self.files[item.file])
 
 
 def bucket_key(shape: tuple[int, ...] | None, multiple: int) -> Hashable:
@@ -233,8 +234,12 @@ class TileDataModule(L.LightningDataModule):
     """Owns the tile list, the size-bucketing sampler and the DataLoader for `trainer.predict`."""
 
     def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
-                 pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any]) -> None:
+                 pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any],
+                 input_scale: float | None, input_offset: float | None, clashes: Collection[str]) -> None:
         super().__init__()
+        self.input_scale = input_scale
+        self.input_offset = input_offset
+        self.clashes = frozenset(clashes)      # output names of more than one input: those inputs fail
         self.files = list(files)
         self.input_dir = Path(input_dir)
         self.batch_size = int(batch_size)
@@ -249,7 +254,7 @@ class TileDataModule(L.LightningDataModule):
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def plan(self) -> tuple[list[Item], list[Hashable], dict[int, Grid]]:
-        """Items, their bucket keys and the windowed tiles' grids, from the NPZ headers (no pixel data is read)."""
+        """Items, their bucket keys and the windowed tiles' grids, from the file headers (no pixel data is read)."""
         if self._plan is None:
             items, keys, grids = [], [], {}
             for i, f in enumerate(self.files):
@@ -281,11 +286,12 @@ class TileDataModule(L.LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
         items, _, grids = self.plan()
         sampler = self.sampler(rank, world)
-        load = partial(load_tile, input_dir=self.input_dir, nan_policy=self.nan_policy)
+        load = partial(load_tile, input_dir=self.input_dir, nan_policy=self.nan_policy, input_scale=self.input_scale,
+                       input_offset=self.input_offset, clashes=self.clashes)
         self._source = WindowSource(self.files, grids, load, partial(tile_name, input_dir=self.input_dir))
         workers = min(self.num_workers, max(len(sampler), 0))
         return DataLoader(
-            TileDataset(self.files, self.input_dir, items, self.nan_policy),
+            TileDataset(self.files, items, load),
             batch_sampler=sampler,
             collate_fn=_Collate(self.patch_size),
             num_workers=workers,

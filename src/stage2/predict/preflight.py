@@ -1,6 +1,6 @@
 """Run-level checks of settings and paths, made before anything is read or written (SPEC 5, exit 2).
 
-Standard library only: a run that is refused, and the "nothing to do" path, import no torch.
+No torch, terratorch or rasterio: a run that is refused, and the "nothing to do" path, stay light.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..formats import OUTPUT_FORMATS
+from ..formats.cog import CogSettings
 from ..runtime import RunError, check_precision
 
 
@@ -18,6 +20,18 @@ def check_settings(cfg: DictConfig) -> None:
     _at_least(cfg, "batch_size", 1, "the number of tiles per forward pass")
     _at_least(cfg, "num_workers", 0, "DataLoader worker processes; 0 reads tiles in the main process")
     check_precision(cfg.precision)
+    check_output_format(cfg)
+
+
+def check_output_format(cfg: DictConfig) -> None:
+    """`output_format` is npz, cog or both, and the `cog:` settings are valid (SPEC 10)."""
+    if cfg.output_format not in OUTPUT_FORMATS:
+        raise RunError(f"output_format={cfg.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}: pass "
+                       "output_format=npz, output_format=cog (Cloud Optimized GeoTIFF) or output_format=both")
+    try:
+        CogSettings(**cfg.cog)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{e} (the defaults are in conf/predict.yaml, under cog:)") from None
 
 
 def _at_least(cfg: DictConfig, key: str, low: int, what: str) -> None:

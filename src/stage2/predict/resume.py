@@ -1,7 +1,8 @@
 """What a rerun trusts (SPEC 4): which outputs in output_dir count as done for this run.
 
-An output is done only when its JSON exists (written last), its NPZ is complete (the zip
-directory at the end of the file is readable, and `opt_v2` has the input's shape), it was made
+An output is done only when its JSON exists (written last), its data files are complete (an NPZ's
+zip directory at the end of the file is readable, a COG's blocks all lie inside the file, and each
+has the input's shape), it was made
 with this run's checkpoint (`processing.checkpoint_sha256`), and its input has not changed since
 (`input_size`, `input_mtime`, and the same of its sidecar). Reading a JSON and two NPZ headers
 per tile keeps this cheap: no pixel data is read, no torch is imported.
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import formats
+from ..formats import cog
 from ..runtime import RunError
 from ..tiles import OUTPUT_KEY, input_state, is_reserved, output_paths, peek_shape, tile_name
 
@@ -39,21 +42,27 @@ class RerunPlan:
     foreign: dict[str, Any] = field(default_factory=dict)   # name -> that output's `processing`
 
 
-def verdict(output_dir: Path, name: str, input_path: Path, sha256: str) -> tuple[str, dict[str, Any]]:
-    """(DONE | MISSING | INCOMPLETE | STALE | FOREIGN, the output's `processing`) of one tile."""
-    npz, js = output_paths(output_dir, name)
+def verdict(output_dir: Path, name: str, input_path: Path, sha256: str,
+            output_format: str) -> tuple[str, dict[str, Any]]:
+    """(DONE | MISSING | INCOMPLETE | STALE | FOREIGN, the output's `processing`) of one tile.
+
+    Every data file of `output_format` must be there and whole (an NPZ's zip directory, a COG's
+    last block inside the file) with the input's shape: a JSON of an NPZ run does not make a COG done.
+    """
+    *data, js_key = formats.output_keys(name, output_format)
+    js = output_dir / js_key
     if is_reserved(name):       # fails as a tile; its "output" names are the run's own files
         return MISSING, {}
     if not js.is_file():
-        return (INCOMPLETE if npz.exists() else MISSING), {}
+        return (INCOMPLETE if any((output_dir / k).exists() for k in data) else MISSING), {}
     try:
         processing = json.loads(js.read_text(encoding="utf-8")).get("processing")
     except (OSError, ValueError, AttributeError):
         processing = None
     if not isinstance(processing, dict):
         return INCOMPLETE, {}
-    want = peek_shape(input_path)
-    if want is None or peek_shape(npz, OUTPUT_KEY) != want:     # cut short, damaged, or not this input's
+    want = formats.peek_shape(input_path)
+    if want is None or any(_output_shape(output_dir / k) != want for k in data):   # cut short, damaged, another's
         return INCOMPLETE, processing
     if processing.get("checkpoint_sha256") != sha256:
         return FOREIGN, processing
@@ -66,13 +75,19 @@ def verdict(output_dir: Path, name: str, input_path: Path, sha256: str) -> tuple
     return DONE, processing
 
 
-def decide(files: list[Path], input_dir: Path, output_dir: Path, sha256: str, skip_existing: bool) -> RerunPlan:
+def _output_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of an output data file from its header, None when it is missing or cut short."""
+    return peek_shape(path, OUTPUT_KEY) if path.suffix == formats.NPZ_SUFFIX else cog.complete_shape(path)
+
+
+def decide(files: list[Path], input_dir: Path, output_dir: Path, sha256: str, skip_existing: bool,
+           output_format: str) -> RerunPlan:
     """The verdict of every tile; with skip_existing=false every tile is redone."""
     plan = RerunPlan()
     counts: Counter[str] = Counter()
     for f in files:
         name = tile_name(f, input_dir)
-        kind, processing = verdict(output_dir, name, f, sha256)
+        kind, processing = verdict(output_dir, name, f, sha256, output_format)
         counts[kind] += 1
         if kind == DONE and skip_existing:
             plan.done += 1
@@ -104,10 +119,11 @@ def foreign_error(plan: RerunPlan, output_dir: Path, checkpoint: Path, sha256: s
 
 
 def discard(output_dir: Path, names: list[str]) -> None:
-    """Remove the outputs that will be redone (JSON first: the NPZ alone is never trusted)."""
+    """Remove the outputs that will be redone, of every format (JSON first: data files alone are never trusted)."""
     for name in names:
         npz, js = output_paths(output_dir, name)
         js.unlink(missing_ok=True)
         npz.unlink(missing_ok=True)
+        (output_dir / cog.output_key(name)).unlink(missing_ok=True)
     if names:
         log.info("removed %d outputs that are redone (incomplete, stale or of another checkpoint)", len(names))

@@ -26,6 +26,7 @@ class TileRecord:
     cpu_fallback: bool
     ndvi_rmse: float | None = None
     edge_preservation: float | None = None
+    georeferenced: bool = True     # False: a COG written without CRS and transform (summary: not_georeferenced)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunSummary:
     metadata_defaults: int = 0
     clipped: int = 0
     cpu_fallbacks: int = 0
+    not_georeferenced: int = 0     # COG outputs without CRS/transform (neither the GeoTIFF nor the sidecar had one)
     tiles_per_s: float = 0.0
     wall_s: float = 0.0
     device: str = "cpu"
@@ -88,7 +90,8 @@ class RunSummary:
             f"  tiles        found {self.found}  processed {self.processed}  skipped {self.skipped}  "
             f"failed {self.failed}" + (f"  ignored {self.ignored}" if self.ignored else "")
             + (f"  redone (input changed) {self.redone_stale}" if self.redone_stale else ""),
-            f"  metadata     defaults used for {self.metadata_defaults} tiles   clipped {self.clipped} tiles",
+            f"  metadata     defaults used for {self.metadata_defaults} tiles   clipped {self.clipped} tiles"
+            + (f"   not georeferenced {self.not_georeferenced} COGs" if self.not_georeferenced else ""),
             f"  device       {self.device}   precision {self.precision}   batch {self.batch_size}   "
             f"CPU fallbacks {self.cpu_fallbacks}",
             f"  speed        {self.tiles_per_s:.2f} tiles/s (model, steady)   wall {self.wall_s:.1f} s",

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,8 +34,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..formats import OUTPUT_FORMATS, write_output
+from ..formats.cog import CogSettings
 from ..runtime import folder_problem, uses_amp
-from ..tiles import FAILURES_FILE, Tile, output_metadata, remove_stale_temporaries, write_tile
+from ..tiles import FAILURES_FILE, Tile, TileError, output_metadata, remove_stale_temporaries
 from .module import Prediction
 from .summary import FIRST_FAILURES, TileRecord
 from .windows import Assembler, whole_tile
@@ -56,10 +59,15 @@ class Output:
 
 
 class TileWriter(BasePredictionWriter):
-    """Writes opt_v2 NPZ + JSON per tile and `_stage2_failures.jsonl`; gathers the run's counts."""
+    """Writes opt_v2 (NPZ, COG or both) + JSON per tile and `_stage2_failures.jsonl`; gathers the run's counts."""
 
-    def __init__(self, *, output_dir: str | Path, processing: dict[str, Any], quality: bool, threads: int) -> None:
+    def __init__(self, *, output_dir: str | Path, processing: dict[str, Any], quality: bool, threads: int,
+                 output_format: str, cog: Mapping[str, Any]) -> None:
         super().__init__(write_interval="batch")
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format={output_format!r}: use one of {list(OUTPUT_FORMATS)}")
+        self.output_format = output_format
+        self.cog = CogSettings(**cog)
         self.output_dir = Path(output_dir)
         self.processing = processing        # run-wide `processing` fields of the output JSON
         self.quality = quality
@@ -172,9 +180,13 @@ class TileWriter(BasePredictionWriter):
                     "masked_pixels": tile.masked,
                     "windows": o.windows,
                 }
-                meta = output_metadata(tile.meta, processing=processing, defaults=tile.defaults, quality=q,
-                                       timestamp=stamp)
-                write_tile(self.output_dir, tile.name, o.opt_v2, meta, create=False)
+                meta = output_metadata(_with_georef(tile), processing=processing, defaults=tile.defaults,
+                                       quality=q, timestamp=stamp)
+                georeferenced = write_output(self.output_dir, tile.name, o.opt_v2, meta, geo=tile.geo,
+                                             output_format=self.output_format, cog_settings=self.cog)
+            except TileError as e:       # the COG cannot carry this tile's georeferencing
+                self._record_failure(tile.path, e.reason, e.hint)
+                continue
             except Exception as e:
                 if folder_problem(e):
                     raise           # the folder, not this tile: the run stops (exit 3)
@@ -183,7 +195,7 @@ class TileWriter(BasePredictionWriter):
                                      "else report it to the stage2 maintainers")
                 continue
             rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(o.cpu_fallback),
-                             q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None)
+                             q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None, georeferenced)
             with self._lock:
                 self.records.append(rec)
 
@@ -214,6 +226,14 @@ class TileWriter(BasePredictionWriter):
         records = [r for p in parts for r in p[0]]
         failures = [f for p in parts for f in p[1]]
         return records, failures, sum(p[2] for p in parts)
+
+
+def _with_georef(tile: Tile) -> dict[str, Any]:
+    """The tile's metadata with its georeferencing as `crs` and `transform` (a GeoTIFF input's; a sidecar's
+    own keys win), so an NPZ output can be placed on a map and a rerun to COG keeps its location."""
+    if tile.geo is None or "crs" in tile.meta:
+        return tile.meta
+    return {**tile.meta, "crs": tile.geo.crs, "transform": list(tile.geo.transform)}
 
 
 def first_failures(failures: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -21,10 +21,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from .. import CONF_DIR
+from .. import CONF_DIR, formats
+from ..formats import INPUT_SUFFIXES
 from ..runtime import RunError, atomic_write_text, exit_with, guarded, register_resolvers, require_dir
-from ..tiles import TileError, discover, read_output, read_tile
-from .check import RunCheck, check_run, worst_first
+from ..tiles import TileError, discover
+from .check import OutputInvalid, RunCheck, check_run, read_opt_v2, worst_first
 
 register_resolvers()      # report.yaml's ${stage2_aoi_dir:...}
 
@@ -45,11 +46,12 @@ def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
     n = 0
     for row in worst_first(chk.rows)[:max_tiles]:
         try:
-            tile = read_tile(chk.input_paths[row.name], nan_policy="mask")
-            v1, v2 = tile.array, read_output(chk.output_dir / f"{row.name}.npz")
+            tile = formats.read_tile(chk.input_paths[row.name], nan_policy="mask", input_scale=None,
+                                     input_offset=None)
+            v1, v2 = tile.array, read_opt_v2(chk.output_dir, row.name)[1]
             if tile.nodata is not None:
                 v1[:, tile.nodata] = np.nan        # draw no data as no data, not as its fill
-        except (TileError, OSError, KeyError, ValueError) as e:
+        except (TileError, OutputInvalid, OSError, KeyError, ValueError) as e:
             chk.notes.append(f"no figure for {row.name}: {e}")
             continue
         rel = f"{TILES_DIR}/{row.name}.png"
@@ -98,8 +100,9 @@ def make_report(input_dir: Path, output_dir: Path, report_dir: Path, max_tiles: 
 
     for label, d in (("input_dir", input_dir), ("output_dir", output_dir)):
         require_dir(d, label, f"pass {label}=DIR of the Stage 2 run to report on")
-    if not discover(input_dir, recursive)[0]:
-        raise RunError(f"No NPZ tiles found in {input_dir}: point input_dir at the Stage 1 tiles the run read")
+    if not discover(input_dir, recursive, suffixes=INPUT_SUFFIXES)[0]:
+        raise RunError(f"No tiles (*.npz, *.tif, *.tiff) found in {input_dir}: "
+                       "point input_dir at the Stage 1 tiles the run read")
     if max_tiles < 0:
         raise RunError(f"max_tiles={max_tiles}: pass 0 or more")
     try:

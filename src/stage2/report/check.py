@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import formats
+from ..formats import INPUT_SUFFIXES, cog
 from ..quality import below_target, severity, tile_quality
 from ..tiles import (
     FAILURES_FILE,
@@ -25,8 +27,6 @@ from ..tiles import (
     SUMMARY_FILE,
     TileError,
     discover,
-    peek_shape,
-    read_tile,
     tile_name,
 )
 
@@ -108,12 +108,13 @@ def _is_number(x: Any) -> bool:
 
 
 def output_names(output_dir: Path, recursive: bool, report_dir: Path) -> tuple[set[str], set[str]]:
-    """Names that have an output JSON / NPZ (hidden files, the run's own files and the report excluded)."""
+    """Names that have an output JSON / data file, NPZ or COG (hidden files, the run's own files and the
+    report excluded)."""
     pattern = "**/*" if recursive else "*"
     skip = report_dir.resolve()
     jsons: set[str] = set()
     npzs: set[str] = set()
-    for suffix, into in ((".json", jsons), (".npz", npzs)):
+    for suffix, into in ((".json", jsons), (".npz", npzs), (cog.SUFFIX, npzs)):
         for p in output_dir.glob(pattern + suffix):
             rel = p.relative_to(output_dir)
             if any(part.startswith(".") for part in rel.parts) or rel.as_posix() == SUMMARY_FILE:
@@ -159,11 +160,14 @@ def read_summary(output_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
 
 
 def _failure_for(name: str, failures: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The failure entry whose input path is `<...>/<name>.npz` (paths may be relative to another cwd)."""
-    want = f"{name}.npz"
+    """The failure entry whose input path is `<...>/<name>.npz` or `.tif`/`.tiff` (paths may be relative
+    to another cwd)."""
     for f in failures:
-        path = Path(str(f.get("file", ""))).as_posix()
-        if path == want or path.endswith("/" + want):
+        path = Path(str(f.get("file", "")))
+        if path.suffix.lower() not in INPUT_SUFFIXES:
+            continue
+        stem = path.with_suffix("").as_posix()
+        if stem == name or stem.endswith("/" + name):
             return f
     return None
 
@@ -192,15 +196,7 @@ def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | Non
             v = q.get(key)
             if v is not None and not (_is_number(v) and ok(v)):
                 raise OutputInvalid(f"{js.name}: quality.{key} is {v!r}")
-    try:
-        with np.load(npz, allow_pickle=False) as data:
-            if OUTPUT_KEY not in data.files:
-                raise OutputInvalid(f"{npz.name} has no '{OUTPUT_KEY}' array (keys: {list(data.files)})")
-            v2 = data[OUTPUT_KEY]
-    except OutputInvalid:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise OutputInvalid(f"{npz.name} is unreadable: {type(e).__name__}: {e}") from None
+    npz, v2 = read_opt_v2(output_dir, name)
     if v2.dtype != np.float32:
         raise OutputInvalid(f"{npz.name}: {OUTPUT_KEY} is {v2.dtype}, expected float32")
     if v2.ndim != 3 or v2.shape[0] != N_BANDS:
@@ -213,6 +209,26 @@ def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | Non
     if lo < 0 or hi > 1:
         raise OutputInvalid(f"{npz.name}: values in [{lo:.4g}, {hi:.4g}], outside [0, 1]")
     return meta, v2
+
+
+def read_opt_v2(output_dir: Path, name: str) -> tuple[Path, np.ndarray]:
+    """The output's data file and its opt_v2: the NPZ, or the COG where the run wrote no NPZ (output_format=cog)."""
+    npz = output_dir / f"{name}.npz"
+    if not npz.is_file():
+        tif = output_dir / cog.output_key(name)
+        try:
+            return tif, cog.read_cog(tif).array
+        except TileError as e:
+            raise OutputInvalid(f"{tif.name} is unreadable: {e.reason}") from None
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            if OUTPUT_KEY not in data.files:
+                raise OutputInvalid(f"{npz.name} has no '{OUTPUT_KEY}' array (keys: {list(data.files)})")
+            return npz, data[OUTPUT_KEY]
+    except OutputInvalid:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise OutputInvalid(f"{npz.name} is unreadable: {type(e).__name__}: {e}") from None
 
 
 def _check_no_data(name: str, v2: np.ndarray, meta: dict[str, Any]) -> None:
@@ -239,7 +255,7 @@ def _quality_of(meta: dict[str, Any], v2: np.ndarray, input_path: Path) -> tuple
     if isinstance(q, dict) and "ndvi_rmse" in q and "edge_preservation" in q:
         return q, "json"
     try:
-        v1 = read_tile(input_path).array
+        v1 = formats.read_tile(input_path, input_scale=None, input_offset=None).array
     except (TileError, OSError):
         return {"ndvi_rmse": None, "edge_preservation": None}, "none"
     return tile_quality(v1, v2), "computed"
@@ -248,7 +264,7 @@ def _quality_of(meta: dict[str, Any], v2: np.ndarray, input_path: Path) -> tuple
 def check_run(input_dir: Path, output_dir: Path, report_dir: Path, recursive: bool) -> RunCheck:
     """Compare inputs with outputs and validate every output (reads each output once)."""
     chk = RunCheck(input_dir, output_dir)
-    files, _ = discover(input_dir, recursive)
+    files, _ = discover(input_dir, recursive, suffixes=INPUT_SUFFIXES)
     inputs = {tile_name(f, input_dir): f for f in files}
     jsons, npzs = output_names(output_dir, recursive, report_dir)
     chk.failures, notes = read_failures(output_dir)
@@ -259,7 +275,7 @@ def check_run(input_dir: Path, output_dir: Path, report_dir: Path, recursive: bo
     for name, path in inputs.items():
         if name in jsons and name in npzs:
             try:
-                meta, v2 = check_output(output_dir, name, peek_shape(path))
+                meta, v2 = check_output(output_dir, name, formats.peek_shape(path))
             except OutputInvalid as e:
                 chk.problems.append(Problem(name, "invalid output", str(e)))
                 continue
@@ -268,10 +284,11 @@ def check_run(input_dir: Path, output_dir: Path, report_dir: Path, recursive: bo
             chk.rows.append(TileRow(name, meta.get("month"), meta.get("biome_code"), q["ndvi_rmse"],
                                     q["edge_preservation"], source))
         elif name in npzs:
-            chk.problems.append(Problem(name, "incomplete output", "NPZ without its JSON (the run was "
+            kind = "NPZ" if (output_dir / f"{name}.npz").is_file() else "COG"
+            chk.problems.append(Problem(name, "incomplete output", f"{kind} without its JSON (the run was "
                                         "interrupted): rerun predict with skip_existing=true"))
         elif name in jsons:
-            chk.problems.append(Problem(name, "incomplete output", "JSON without its NPZ: delete the JSON "
+            chk.problems.append(Problem(name, "incomplete output", "JSON without its NPZ or COG: delete the JSON "
                                         "and rerun predict with skip_existing=true"))
         else:
             f = _failure_for(name, chk.failures)
@@ -281,7 +298,7 @@ def check_run(input_dir: Path, output_dir: Path, report_dir: Path, recursive: bo
             chk.problems.append(Problem(name, "missing output", detail))
     for name in sorted((jsons | npzs) - set(inputs)):
         chk.problems.append(Problem(name, "output without input",
-                                    f"no {name}.npz in {input_dir}: is this the run's input_dir?"))
+                                    f"no {name}.npz or {name}.tif in {input_dir}: is this the run's input_dir?"))
     return chk
 
 

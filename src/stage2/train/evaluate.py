@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from ..formats import cog, geotiff
 from ..quality import LOWER_IS_BETTER, METRICS, compare
 from ..runtime import RunError, atomic_write_text, guarded, hydra_main, require_dir, required
-from ..tiles import INPUT_KEY, OUTPUT_KEY, discover, is_done, tile_name
+from ..tiles import INPUT_KEY, OUTPUT_KEY, TileError, discover, tile_name
 
 EVALUATION_FILE = "_stage2_evaluation.json"
 FIGURES_DIR = "_stage2_evaluation"
@@ -115,20 +116,49 @@ def _read(path: Path, keys: tuple[str, ...], what: str) -> np.ndarray:
     raise RunError(f"{what} {path} has no {' or '.join(repr(k) for k in keys)} array (found {found})")
 
 
+def _read_input(input_dir: Path, name: str) -> np.ndarray:
+    """The Stage 1 input of `name`: `<name>.npz`, or a float GeoTIFF `<name>.tif`/`.tiff` where there is no NPZ."""
+    npz = input_dir / f"{name}.npz"
+    tifs = [p for p in (input_dir / f"{name}{s}" for s in geotiff.SUFFIXES) if p.is_file()]
+    if npz.is_file() or not tifs:
+        return _read(npz, (INPUT_KEY,), "input")
+    try:
+        with geotiff.GeoTiff(tifs[0], input_scale=None, input_offset=None) as tif:
+            return tif.read()
+    except TileError as e:
+        raise RunError(f"input {tifs[0]} cannot be read: {e.reason} ({e.hint})") from None
+
+
+def _read_output(output_dir: Path, name: str) -> np.ndarray:
+    """opt_v2 of `name`: `<name>.npz`, or the COG `<name>.tif` of an output_format=cog run."""
+    tif = output_dir / cog.output_key(name)
+    if (output_dir / f"{name}.npz").is_file() or not tif.is_file():
+        return _read(output_dir / f"{name}.npz", (OUTPUT_KEY,), "output")
+    try:
+        return cog.read_cog(tif).array
+    except TileError as e:
+        raise RunError(f"output {tif} cannot be read: {e.reason} ({e.hint})") from None
+
+
+def _finished(output_dir: Path) -> list[str]:
+    """Names with an output JSON and its data file (NPZ or COG), sorted."""
+    files, _ = discover(output_dir, suffixes=(".npz", cog.SUFFIX))
+    names = {tile_name(f, output_dir) for f in files}
+    return sorted(n for n in names if (output_dir / f"{n}.json").is_file())
+
+
 def evaluate_dirs(truth_dir: str | Path, input_dir: str | Path, output_dir: str | Path) -> Evaluation:
     """Score every finished output tile of `output_dir` (sorted by name) against its truth and input."""
     truth_dir, input_dir, output_dir = Path(truth_dir), Path(input_dir), Path(output_dir)
     for key, d in (("truth_dir", truth_dir), ("input_dir", input_dir), ("output_dir", output_dir)):
         require_dir(d, key, f"pass {key}=DIR")
-    files, _ = discover(output_dir)
-    names = [n for n in (tile_name(f, output_dir) for f in files) if is_done(output_dir, n)]
+    names = _finished(output_dir)
     if not names:
         raise RunError(f"No finished Stage 2 outputs in {output_dir}: run python -m stage2.predict first")
     ev = Evaluation(str(truth_dir), str(input_dir), str(output_dir))
     for name in names:
         truth = _read(truth_dir / f"{name}.npz", ("target", INPUT_KEY), "truth")
-        v1 = _read(input_dir / f"{name}.npz", (INPUT_KEY,), "input")
-        v2 = _read(output_dir / f"{name}.npz", (OUTPUT_KEY,), "output")
+        v1, v2 = _read_input(input_dir, name), _read_output(output_dir, name)
         if not truth.shape == v1.shape == v2.shape:
             raise RunError(f"tile {name}: shapes differ (truth {truth.shape}, input {v1.shape}, output "
                                   f"{v2.shape}): the truth must cover the same pixels as the Stage 1 tile")
@@ -175,8 +205,7 @@ def write_figures(ev: Evaluation, folder: str | Path) -> list[Path]:
     out = []
     for t in ev.tiles:
         truth = _read(Path(ev.truth_dir) / f"{t.name}.npz", ("target", INPUT_KEY), "truth")
-        v1 = _read(Path(ev.input_dir) / f"{t.name}.npz", (INPUT_KEY,), "input")
-        v2 = _read(Path(ev.output_dir) / f"{t.name}.npz", (OUTPUT_KEY,), "output")
+        v1, v2 = _read_input(Path(ev.input_dir), t.name), _read_output(Path(ev.output_dir), t.name)
         out.append(comparison_figure(folder / f"{t.name}.png", t.name, truth, v1, v2, t.before, t.after))
     return out
 
