@@ -31,7 +31,7 @@ test: install
 # with another degradation seed, refine them, report, and compare input and output with the truth.
 demo: install
 	rm -rf $(DEMO_OUT)/train $(DEMO_OUT)/stage1
-	$(PY) -m stage2.train hardware=cpu optical_dir=examples/train_optical seed=0 \
+	$(PY) -m stage2.train hardware=cpu precision=32 optical_dir=examples/train_optical seed=0 \
 		trainer.max_epochs=$(DEMO_EPOCHS) trainer.max_time=00:00:10:00 \
 		hydra.run.dir=$(DEMO_OUT)/train output_checkpoint=$(DEMO_OUT)/refiner.pt
 	$(PY) -m stage2.degrade truth_dir=examples/demo_aoi output_dir=$(DEMO_OUT)/stage1 seed=$(DEMO_SEED)
