@@ -472,6 +472,18 @@ def _clip_in_place(arr: np.ndarray) -> int:
     return clipped
 
 
+def open_input(path: str | os.PathLike, input_dir: str | os.PathLike | None,
+               nan_policy: str) -> tuple[Path, str, dict[str, Any]]:
+    """What every reader checks first: (path, output name, input_state taken before reading)."""
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy={nan_policy!r}: use one of {list(NAN_POLICIES)}")
+    path = Path(path)
+    name = tile_name(path, Path(input_dir)) if input_dir is not None else path.stem
+    if not path.is_file():
+        raise TileError("not a regular file", "remove it or point input_dir at the tiles")
+    return path, name, input_state(path)   # before reading: a change while it is read shows on the next run
+
+
 def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = None, *, nan_policy: str = "fail",
               input_scale: float | None = None, input_offset: float | None = None) -> Tile:
     """Read and validate one Stage 1 NPZ tile and its sidecar; raise TileError with reason and hint.
@@ -480,13 +492,7 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
     holds them filled from their nearest valid pixel (stage2.nodata), ready for the model.
     `input_scale`/`input_offset` scale an integer array (to_reflectance); float tiles ignore them.
     """
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy={nan_policy!r}: use one of {list(NAN_POLICIES)}")
-    path = Path(path)
-    name = tile_name(path, Path(input_dir)) if input_dir is not None else path.stem
-    if not path.is_file():
-        raise TileError("not a regular file", "remove it or point input_dir at the tiles")
-    source = input_state(path)      # before reading: a change while it is read shows on the next run
+    path, name, source = open_input(path, input_dir, nan_policy)
     arr = to_reflectance(_load_array(path), input_scale, input_offset)
     arr, clipped = validate_array(arr, allow_nan=nan_policy == "mask")
     meta, month, biome, defaults = read_sidecar(path)

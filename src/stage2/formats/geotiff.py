@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,14 +23,12 @@ from ..tiles import (
     BANDS,
     DN_HINT,
     N_BANDS,
-    NAN_POLICIES,
     GeoRef,
     Tile,
     TileError,
     apply_nan_policy,
-    input_state,
+    open_input,
     read_sidecar,
-    tile_name,
     to_reflectance,
     validate_array,
 )
@@ -160,13 +157,7 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
     tile (reason: how many, and the nodata value); under mask they are filled for the model and NaN
     in opt_v2, as for an NPZ (tiles.apply_nan_policy). The georeferencing comes from the file.
     """
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy={nan_policy!r}: use one of {list(NAN_POLICIES)}")
-    path = Path(path)
-    name = tile_name(path, Path(input_dir)) if input_dir is not None else path.stem
-    if not path.is_file():
-        raise TileError("not a regular file", "remove it or point input_dir at the tiles")
-    source = input_state(path)      # before reading: a change while it is read shows on the next run
+    path, name, source = open_input(path, input_dir, nan_policy)
     with GeoTiff(path, input_scale=input_scale, input_offset=input_offset) as tif:
         raw = tif.read()
         header = tif.header

@@ -38,7 +38,7 @@ from ..runtime import (
     register_resolvers,
     require_dir,
 )
-from ..tiles import NAN_POLICIES, discover, remove_stale_temporaries, tile_name
+from ..tiles import discover, remove_stale_temporaries, tile_name
 from .lock import RunLock
 from .preflight import check_output_dir, check_settings
 
@@ -93,24 +93,10 @@ def _required_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:
             Path(cfg.checkpoint).expanduser())
 
 
-def _check_tile_settings(cfg: DictConfig) -> None:
-    """`nan_policy` and `window.*` (SPEC 9), before anything is read."""
-    from .windows import WindowSettings
-
-    if cfg.nan_policy not in NAN_POLICIES:
-        raise RunError(f"nan_policy={cfg.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}: pass "
-                       "nan_policy=fail (NaN fails the tile) or nan_policy=mask (NaN pixels are no data)")
-    try:
-        WindowSettings(**cfg.window)
-    except (TypeError, ValueError) as e:
-        raise RunError(f"{e} (the defaults are in conf/predict.yaml, under window:)") from None
-
-
 def plan(cfg: DictConfig) -> Plan:
     """Check settings and paths and find the tiles; nothing is written (every problem: RunError, exit 2)."""
     input_dir, output_dir, ckpt = _required_paths(cfg)
     check_settings(cfg)
-    _check_tile_settings(cfg)
     if not ckpt.is_file():
         what = "does not exist" if not ckpt.exists() else "is not a file"
         raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")

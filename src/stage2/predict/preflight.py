@@ -13,14 +13,20 @@ from omegaconf import DictConfig
 from ..formats import OUTPUT_FORMATS
 from ..formats.cog import CogSettings
 from ..runtime import RunError, check_precision
+from ..tiles import NAN_POLICIES
+from .windows import WindowSettings
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """batch_size >= 1, num_workers >= 0 and a known precision, each a one-line RunError."""
+    """batch_size >= 1, num_workers >= 0, known precision, output format and nan_policy, valid window: else RunError."""
     _at_least(cfg, "batch_size", 1, "the number of tiles per forward pass")
     _at_least(cfg, "num_workers", 0, "DataLoader worker processes; 0 reads tiles in the main process")
     check_precision(cfg.precision)
     check_output_format(cfg)
+    if cfg.nan_policy not in NAN_POLICIES:
+        raise RunError(f"nan_policy={cfg.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}: pass "
+                       "nan_policy=fail (NaN fails the tile) or nan_policy=mask (NaN pixels are no data)")
+    _settings(WindowSettings, cfg.window, "window")
 
 
 def check_output_format(cfg: DictConfig) -> None:
@@ -28,10 +34,15 @@ def check_output_format(cfg: DictConfig) -> None:
     if cfg.output_format not in OUTPUT_FORMATS:
         raise RunError(f"output_format={cfg.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}: pass "
                        "output_format=npz, output_format=cog (Cloud Optimized GeoTIFF) or output_format=both")
+    _settings(CogSettings, cfg.cog, "cog")
+
+
+def _settings(kind: type, values: DictConfig, section: str) -> None:
+    """Build the settings object of a conf/predict.yaml section once, turning its complaint into a RunError."""
     try:
-        CogSettings(**cfg.cog)
+        kind(**values)
     except (TypeError, ValueError) as e:
-        raise RunError(f"{e} (the defaults are in conf/predict.yaml, under cog:)") from None
+        raise RunError(f"{e} (the defaults are in conf/predict.yaml, under {section}:)") from None
 
 
 def _at_least(cfg: DictConfig, key: str, low: int, what: str) -> None:
