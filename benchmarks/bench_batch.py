@@ -7,6 +7,7 @@ round and each figure is the best of `--repeat` rounds, because a shared machine
 A one-tile batch always runs as one forward, so its streams figure repeats the plain one.
 
 usage: python benchmarks/bench_batch.py [--model prithvi_eo_v1_100] [--sizes 128 256] [--batches 1 2 4 8]
+       [--precision 32|bf16]
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=2, help="cpu_streams to compare with one forward")
     ap.add_argument("--tiles", type=int, default=0, help="tiles per round (default: 32 at <= 128 px, else 16)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--precision", choices=["32", "bf16"], default="32",
+                    help="bf16: under CPU bf16 autocast, as precision=bf16-mixed runs predict_step")
     ap.add_argument("--min-tokens", type=int, default=None,
                     help="override stage2.predict.module.STREAM_MIN_TOKENS (to re-tune the threshold on another CPU)")
     args = ap.parse_args()
@@ -45,7 +48,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = stage2.build_model(args.model)
     rng = np.random.default_rng(0)
-    print(f"{args.model}, fp32, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; "
+    bf16 = args.precision == "bf16"
+    print(f"{args.model}, {'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; "
           f"tiles/s, best of {args.repeat}")
     for size in args.sizes:
         n = args.tiles or (32 if size <= 128 else 16)
@@ -54,7 +58,7 @@ def main() -> None:
             batches = [collate(tiles[i:i + batch], model.patch_size) for i in range(0, n, batch)]
             modules = {s: Stage2Module(model, compile=False, cpu_streams=s) for s in (1, args.streams)}
             best = dict.fromkeys(modules, 0.0)
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 for m in modules.values():
                     m.predict_step(batches[0], 0)        # warm-up: oneDNN primitives, thread pools
                 for r in range(args.repeat):
