@@ -176,6 +176,44 @@ def test_cpu_streams_keep_the_callers_autocast(tiny_model):
         assert np.abs(a - c).max() > 1e-4       # bf16 really was used
 
 
+def test_cpu_streams_need_larger_chunks_under_bf16(tiny_model):
+    """Four 128 px tiles (4 x 64 tokens) split in two chunks in fp32, but run as one forward under bf16
+    autocast, where a token costs half the time and the hand-off would eat the gain (benchmarks/README.md)."""
+    from stage2.predict.module import Stage2Module
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: always one forward")
+    module = Stage2Module(tiny_model, compile=False, cpu_streams=2)
+    x = collate([_tile(128, 128, s) for s in range(4)], 16).x
+    assert module._n_streams(x) == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module._n_streams(x) == 1
+        big = collate([_tile(256, 256, s) for s in range(4)], 16).x      # chunks of 512 tokens
+        assert module._n_streams(big) == 2
+
+
+def test_bf16_weights_cast_once_give_the_same_outputs_and_are_restored(tiny_model):
+    """precision=bf16 on the CPU casts Linear/conv weights once per run: same values as autocast's
+    per-forward cast, and the model gets its fp32 weights back afterwards."""
+    from stage2.predict.module import cast_matmul_weights
+
+    batch = _five_tile_batch()
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = tiny_model.forward_padded(batch.x, batch.month, batch.biome)
+        kept = cast_matmul_weights(tiny_model, torch.bfloat16)
+        try:
+            assert tiny_model.to_pixels.weight.dtype == torch.bfloat16
+            assert tiny_model.encoder.norm.weight.dtype == torch.float32      # norms stay fp32
+            got = tiny_model.forward_padded(batch.x, batch.month, batch.biome)
+        finally:
+            for param, fp32 in kept:
+                param.data = fp32
+    assert torch.equal(ref, got)
+    for n, p in tiny_model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+
+
 def test_keep_freed_memory_is_safe_to_call_and_works_on_glibc(monkeypatch):
     """The CPU pipeline keeps freed activations for reuse (fewer page faults); a no-op off glibc."""
     import ctypes

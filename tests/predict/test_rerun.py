@@ -128,6 +128,13 @@ def test_precision_is_recorded_as_lightning_ran_it(tmp_path, tiny_ckpt, capsys):
     assert json.loads((out / "a.json").read_text())["processing"]["precision"] == "bf16-mixed"
     assert json.loads((out / "a.json").read_text())["processing"]["use_amp"] is True
     assert _summary(out)["precision"] == "bf16-mixed"
+    # The run casts the model's matmul weights to bf16 once (not per batch): the values are those of
+    # the checkpoint's model under bf16 autocast, bit for bit.
+    tile, model = read_tile(inp / "a.npz"), stage2.load_model(tiny_ckpt)
+    x = torch.from_numpy(tile.array)[None]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x, torch.tensor([tile.month]), torch.tensor([tile.biome]))[0].float().numpy()
+    assert np.array_equal(read_output(out / "a.npz"), ref)
 
 
 def test_recursive_run_with_symlinked_folders_and_its_output_dir_inside_input_dir(tmp_path, tiny_ckpt, capsys):

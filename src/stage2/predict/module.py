@@ -38,8 +38,32 @@ class Prediction:
 # (a 120 px tile pads to 128 px: 64 tokens). Measured on 2 cores (benchmarks/bench_batch.py,
 # best of 3): one-tile chunks 0.80-1.01x, chunks of 2-4 tiles of 16 tokens 0.93-1.03x; chunks of
 # >= 2 tiles and >= 128 tokens 1.00-1.24x (v1_100 and tiny, 128 and 256 px).
+# Under CPU bf16 autocast a token costs half the time, so the hand-off weighs twice as much:
+# v1_100, bf16, best of 3 (`bench_batch.py --precision bf16`): chunks of 2 tiles x 64 tokens
+# 0.87-0.94x (128 px, batch 4-8); chunks of >= 256 tokens 1.01-1.11x (256 px, batch 2-8).
 STREAM_MIN_TILES = 2
 STREAM_MIN_TOKENS = 128
+STREAM_MIN_TOKENS_BF16 = 256
+
+
+def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Cast the weights of Linear and convolution layers to `dtype` in place; return the originals.
+
+    Why: CPU autocast casts every fp32 weight to bf16 at every forward (Lightning enters autocast
+    per batch, and autocast's weight cache did not help under inference mode even across batches:
+    29-31 vs 34 tiles/s under no_grad), 16 % of a bf16 forward's time in the profiler. Casting once
+    gives bit-identical outputs, as autocast's cast is the same rounding: prithvi_eo_v1_100, 128 px,
+    batch 4, per-batch autocast: 28-31 -> 34-35 tiles/s, max difference 0.0. Only the layers autocast runs in bf16 are
+    cast; norms, embeddings and buffers stay fp32, as autocast runs them.
+    """
+    kept = []
+    for layer in model.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            for param in layer.parameters(recurse=False):
+                if param.dtype == torch.float32:
+                    kept.append((param, param.data))
+                    param.data = param.data.to(dtype)
+    return kept
 
 
 class Stage2Module(L.LightningModule):
@@ -53,6 +77,7 @@ class Stage2Module(L.LightningModule):
         self._compiled = None
         self._cpu_model: nn.Module | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._fp32_weights: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     def setup(self, stage: str) -> None:
         if self.compile:
@@ -65,24 +90,36 @@ class Stage2Module(L.LightningModule):
             from ..runtime import keep_freed_memory
 
             keep_freed_memory()
+            if str(self.trainer.precision) == "bf16-mixed":
+                self._fp32_weights = cast_matmul_weights(self.model, torch.bfloat16)
 
     def on_predict_end(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        self.teardown("predict")
+
+    def teardown(self, stage: str) -> None:
+        """Give the model back its fp32 weights (also after a failed run: the caller may reuse it)."""
+        for param, fp32 in self._fp32_weights:
+            param.data = fp32
+        self._fp32_weights = []
 
     def _n_streams(self, x: torch.Tensor) -> int:
         """How many concurrent forwards this batch gets (1: one forward with all threads).
 
         1 off the CPU and with compile; otherwise at most `cpu_streams` and one per thread, and
-        only as many as give each chunk STREAM_MIN_TILES tiles and STREAM_MIN_TOKENS patch tokens.
+        only as many as give each chunk STREAM_MIN_TILES tiles and STREAM_MIN_TOKENS patch tokens
+        (STREAM_MIN_TOKENS_BF16 under bf16 autocast or with bf16 weights).
         """
         if self.device.type != "cpu" or self._compiled is not None or self.cpu_streams == 1:
             return 1
         p = int(self.model.patch_size)
         tokens = x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // p)
+        reduced = torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16)
+        min_tokens = STREAM_MIN_TOKENS_BF16 if reduced else STREAM_MIN_TOKENS
         return max(1, min(self.cpu_streams, torch.get_num_threads(), x.shape[0] // STREAM_MIN_TILES,
-                          tokens // STREAM_MIN_TOKENS))
+                          tokens // min_tokens))
 
     def _forward_streams(self, x: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
         """CPU: the batch as `cpu_streams` chunks run at once, each with its share of torch's threads.
