@@ -94,6 +94,7 @@ def main() -> None:
 
     app.load_checked_model = lambda checkpoint: Identity()      # the only change to the real pipeline
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stage2_datapath_"))
+    work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "identity.pt"
     ckpt.write_bytes(b"")                                        # plan() only checks that it exists
     cores = os.cpu_count() or 1

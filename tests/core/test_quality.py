@@ -172,3 +172,16 @@ def test_quality_given_strip_by_strip_equals_the_whole_tile(strips):
         got, want = rq.finish(), tile_quality(v1, v2, mask)
         assert got["ndvi_rmse"] == pytest.approx(want["ndvi_rmse"], rel=1e-9)
         assert got["edge_preservation"] == pytest.approx(want["edge_preservation"], abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sobel_magnitude_is_bit_identical_to_the_plain_formula(dtype):
+    """The buffered Sobel (a speed-up of issue 16) must not change a single quality value in any JSON."""
+    from stage2.quality import sobel_magnitude
+
+    band = np.random.default_rng(3).random((67, 45)).astype(dtype)
+    p = np.pad(band, 1, mode="symmetric")
+    across, down = p[:-2] + 2 * p[1:-1] + p[2:], p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]
+    ref = np.hypot(across[:, 2:] - across[:, :-2], down[2:] - down[:-2])
+    got = sobel_magnitude(band)
+    assert got.dtype == dtype and np.array_equal(got, ref)
