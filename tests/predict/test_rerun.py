@@ -118,13 +118,19 @@ def test_the_finished_folder_rerun_does_not_hash_the_checkpoint_again(tmp_path, 
         fingerprint(ckpt, _summary(out)["checkpoint_fingerprint"])
 
 
-def test_precision_is_recorded_as_lightning_ran_it(tmp_path, tiny_ckpt, capsys):
+def test_precision_is_recorded_as_lightning_ran_it(tmp_path, tiny_ckpt, capsys, monkeypatch):
     """precision=16 on a CPU: Lightning runs bf16-mixed (no fp16 autocast there), and that is what is recorded."""
     inp, out = tmp_path / "in", tmp_path / "out"
     make_tile(inp / "a.npz", 32, 32)
+    from stage2.predict import module
+
+    casts, real_cast = [], module.cast_matmul_weights
+    monkeypatch.setattr(module, "cast_matmul_weights", lambda m, dtype: casts.append((m, dtype)) or real_cast(m, dtype))
     code = run(compose_predict(f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu",
                                "precision=16"))
     assert code == 0
+    assert [dtype for _, dtype in casts] == [torch.bfloat16]      # cast once for the run, not per batch
+    assert all(p.dtype == torch.float32 for p in casts[0][0].parameters())   # and given back afterwards
     assert json.loads((out / "a.json").read_text())["processing"]["precision"] == "bf16-mixed"
     assert json.loads((out / "a.json").read_text())["processing"]["use_amp"] is True
     assert _summary(out)["precision"] == "bf16-mixed"
