@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from stage2 import formats
@@ -42,3 +43,24 @@ def test_the_format_layer_imports_no_rasterio_or_fsspec():
             "print(heavy); assert not heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_interrupt_right_after_the_json_rename_leaves_no_json_without_its_data(tmp_path, monkeypatch):
+    """SIGINT/SIGTERM raise wherever Python is: after the JSON is in place but before write_output
+    returns, the tile must leave nothing a rerun or a reader would take for a finished output."""
+    from stage2 import storage
+    from stage2.formats import cog, write_output
+
+    real = storage.Folder.write_bytes
+
+    def write_then_interrupt(self, key, data):
+        real(self, key, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.Folder, "write_bytes", write_then_interrupt)
+    arr = np.full((4, 16, 16), 0.5, np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        write_output(tmp_path, "t0", arr, {"tile_id": "t0"}, output_format="npz", geo=None,
+                     cog_settings=cog.CogSettings(compress="zstd", level=1, blocksize=256,
+                                                   overviews="auto", resampling="average"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -130,7 +130,9 @@ def write_output(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, m
             written.append(key)
         folder.write_bytes(js, text.encode("utf-8"))
     except BaseException:
-        for key in written:
+        # An interrupt (SIGINT/SIGTERM raise in any Python line) may land after the JSON's rename
+        # but before the try ends: the JSON goes first, so no JSON is ever left without its data.
+        for key in (js, *written):
             folder.delete(key)
         raise
     return georeferenced
