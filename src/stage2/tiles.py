@@ -442,6 +442,10 @@ def _value_stats(arr: np.ndarray) -> tuple[int, int, float, float]:
     step = block_rows(arr)
     for r in row_blocks(arr):
         block = arr[:, r:r + step]
+        b_lo, b_hi = float(block.min()), float(block.max())     # NaN and Inf show here
+        if math.isfinite(b_lo) and math.isfinite(b_hi):         # the common case: two passes, not four
+            lo, hi = min(lo, b_lo), max(hi, b_hi)
+            continue
         finite = np.isfinite(block)
         if not finite.all():
             nan = int(np.count_nonzero(np.isnan(block)))
