@@ -23,9 +23,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..formats import load_tile, peek_shape
+from ..formats import file_name, load_remote_tile, load_tile, peek_shape
 from ..model import pad_to_multiple, padded_size
-from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, tile_name
+from ..storage import is_url
+from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
 from .windows import Grid, Window, WindowRef, WindowSettings, WindowSource, grid_for
 
 
@@ -235,13 +236,18 @@ class TileDataModule(L.LightningDataModule):
 
     def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
                  pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any],
-                 input_scale: float | None, input_offset: float | None, clashes: Collection[str]) -> None:
+                 input_scale: float | None, input_offset: float | None, clashes: Collection[str],
+                 states: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
         self.input_scale = input_scale
         self.input_offset = input_offset
         self.clashes = frozenset(clashes)      # output names of more than one input: those inputs fail
         self.files = list(files)
-        self.input_dir = Path(input_dir)
+        # A bucket's tiles are URLs, read through a local copy each (formats.load_remote_tile), with their
+        # input_state from the run's listing (`states`, by key in input_dir).
+        self.remote = is_url(input_dir)
+        self.input_dir = str(input_dir).rstrip("/") if self.remote else Path(input_dir)
+        self.states = dict(states or {})
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
@@ -286,9 +292,10 @@ class TileDataModule(L.LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
         items, _, grids = self.plan()
         sampler = self.sampler(rank, world)
-        load = partial(load_tile, input_dir=self.input_dir, nan_policy=self.nan_policy, input_scale=self.input_scale,
+        reader = partial(load_remote_tile, states=self.states) if self.remote else load_tile
+        load = partial(reader, input_dir=self.input_dir, nan_policy=self.nan_policy, input_scale=self.input_scale,
                        input_offset=self.input_offset, clashes=self.clashes)
-        self._source = WindowSource(self.files, grids, load, partial(tile_name, input_dir=self.input_dir))
+        self._source = WindowSource(self.files, grids, load, partial(file_name, input_dir=self.input_dir))
         workers = min(self.num_workers, max(len(sampler), 0))
         return DataLoader(
             TileDataset(self.files, items, load),
