@@ -25,7 +25,7 @@ N = 5
 
 def _tiles(folder, n=N, size=64):
     for i in range(n):
-        meta = {"month": 3 + i, "biome_code": i} if i % 2 else None       # odd tiles have a sidecar
+        meta = {"month": 1 + i % 12, "biome_code": i % 16} if i % 2 else None       # odd tiles have a sidecar
         make_tile(folder / f"t{i:02d}.npz", size, size, seed=i, meta=meta)
 
 
@@ -63,7 +63,7 @@ def test_s3_to_s3_run_equals_the_local_run(s3, tmp_path, tiny_ckpt):
         meta = _json(out, f"{n}.json")
         assert meta["processing"]["input_file"] == f"{inp}/{n}.npz"
         assert meta["processing"]["input_size"] == (local_in / f"{n}.npz").stat().st_size
-    assert _json(out, "t01.json")["month"] == 4
+    assert _json(out, "t01.json")["month"] == 2
     summary = _json(out, "_stage2_summary.json")
     assert (summary["found"], summary["processed"], summary["failed"]) == (N, N, 0)
     assert summary["output_dir"] == out.url
@@ -94,6 +94,18 @@ def test_rerun_of_a_finished_prefix_has_nothing_to_do_without_the_model_or_a_rea
     assert "_stage2_lock.json" not in out.listing()
 
 
+def test_the_nothing_to_do_process_imports_neither_torch_nor_terratorch(s3, tmp_path, tiny_ckpt):
+    _, inp, out = _finished_run(s3, tmp_path, tiny_ckpt, n=2)
+    args = [f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out.url}", "hardware=cpu",
+            f"hydra.run.dir={tmp_path / 'run2'}"]
+    patch = ("import atexit, sys\n"
+             "atexit.register(lambda: print('imported', 'torch' in sys.modules, 'terratorch' in sys.modules))")
+    proc = _predict_process(args, patch, tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1"})
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.splitlines() == [f"nothing to do: 2 tiles already done in {out.url}", "imported False False"]
+
+
 def test_a_changed_input_and_a_lost_index_are_handled_from_the_listing(s3, tmp_path, tiny_ckpt, capsys):
     local_in, inp, out = _finished_run(s3, tmp_path, tiny_ckpt)
     before = out.read_bytes("t00.npz")
@@ -115,7 +127,8 @@ def test_a_bad_tile_in_the_bucket_is_listed_in_the_bucket_and_the_others_are_wri
     (local_in / "bad.npz").write_bytes(b"not a zip file at all")
     inp, out = s3.upload(local_in, "stage1"), Folder(s3.url("stage2"))
 
-    assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out.url)) == 1
+    # a DataLoader worker reads the tiles and writer threads upload them (the GPU profiles' way)
+    assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out.url, "num_workers=1", "writer_threads=2")) == 1
 
     lines = out.read_bytes("_stage2_failures.jsonl").decode().splitlines()
     assert len(lines) == 1
@@ -228,3 +241,27 @@ def test_a_missing_bucket_or_missing_credentials_is_exit_2_in_one_line_without_t
     logs = "".join(p.read_text() for p in run_dir.rglob("*") if p.is_file())
     assert s3.secret not in r.stdout + r.stderr + logs
     assert Folder(s3.url("")).listing(recursive=True).keys() == {f"stage1/{f.name}" for f in local_in.iterdir()}
+
+
+def test_report_and_evaluate_read_a_bucket_run_and_write_into_it(s3, tmp_path, tiny_ckpt, capsys):
+    from stage2.report.app import run as report
+    from stage2.train.evaluate import run as evaluate
+
+    local_in, inp, out = _finished_run(s3, tmp_path, tiny_ckpt, n=3)
+    capsys.readouterr()
+
+    assert report(compose_app("report", [], input_dir=inp, output_dir=out.url)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "inputs 3   complete outputs 3   problems 0" in lines[1]
+    assert lines[-1] == f"report: {out.url}/_report/index.html"
+    listing = out.listing(recursive=True)
+    assert {"_report/index.html", "_report/quality.png", "_report/tiles/t00.png"} <= set(listing)
+    page = out.read_bytes("_report/index.html").decode()
+    assert f"<code>{out.url}</code>" in page and f"<code>{inp}</code>" in page
+
+    assert evaluate(compose_app("evaluate", [], truth_dir=local_in, input_dir=inp, output_dir=out.url)) == 0
+    text = capsys.readouterr().out
+    assert f"saved {out.url}/_stage2_evaluation.json" in text
+    ev = _json(out, "_stage2_evaluation.json")
+    assert [t["name"] for t in ev["tiles"]] == ["t00", "t01", "t02"] and ev["output_dir"] == out.url
+    assert {f"_stage2_evaluation/t0{i}.png" for i in range(3)} <= set(out.listing(recursive=True))

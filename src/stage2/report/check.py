@@ -88,6 +88,7 @@ class RunCheck:
     failures: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)   # unreadable summary/failures files
+    shown: tuple[str, str] | None = None  # (input_dir, output_dir) as the user named them: URLs of a bucket run
 
     @property
     def ok(self) -> bool:
