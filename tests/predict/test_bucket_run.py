@@ -265,3 +265,27 @@ def test_report_and_evaluate_read_a_bucket_run_and_write_into_it(s3, tmp_path, t
     ev = _json(out, "_stage2_evaluation.json")
     assert [t["name"] for t in ev["tiles"]] == ["t00", "t01", "t02"] and ev["output_dir"] == out.url
     assert {f"_stage2_evaluation/t0{i}.png" for i in range(3)} <= set(out.listing(recursive=True))
+
+
+@pytest.mark.parametrize("where", ["memory -> local", "local -> memory"])
+def test_any_fsspec_url_on_either_side(tmp_path, tiny_ckpt, capsys, where):
+    """memory:// stands for any fsspec filesystem (gs:// works the same way through gcsfs)."""
+    local_in = tmp_path / "in"
+    _tiles(local_in, 3)
+    mem = Folder(f"memory://stage2-{tmp_path.name}/{where.split()[0]}")
+    if where.startswith("memory"):
+        for f in local_in.iterdir():
+            mem.write_bytes(f.name, f.read_bytes())
+        inp, out = mem.url, tmp_path / "out"
+    else:
+        inp, out = local_in, mem.url
+    assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out)) == 0
+    assert app.run(_cfg(tmp_path, tiny_ckpt, local_in, tmp_path / "reference")) == 0
+    capsys.readouterr()
+    outputs = Folder(out)
+    for i in range(3):
+        want = np.load(tmp_path / "reference" / f"t{i:02d}.npz")["opt_v2"]
+        np.testing.assert_allclose(_npz(outputs, f"t{i:02d}.npz"), want, atol=1e-6)
+
+    assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out)) == 0
+    assert capsys.readouterr().out.startswith("nothing to do: 3 tiles already done")
