@@ -15,10 +15,12 @@ import time
 import numpy as np
 import pytest
 
+from geotiffs import CRS, TRANSFORM, demo_array, write_geotiff
 from helpers import compose_app, make_tile
 from stage2.formats import cog
 from stage2.predict import app
 from stage2.storage import Folder
+from stage2.tiles import GeoRef
 
 N = 5
 
@@ -46,13 +48,14 @@ def _json(folder: Folder, key: str):
 def test_s3_to_s3_run_equals_the_local_run(s3, tmp_path, tiny_ckpt):
     local_in = tmp_path / "in"
     _tiles(local_in)
+    write_geotiff(local_in / "g.tif", demo_array())         # a georeferenced GeoTIFF beside the NPZ tiles
     inp = s3.upload(local_in, "stage1")
     out = Folder(s3.url("stage2"))
     assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out.url, "output_format=both")) == 0
     assert app.run(_cfg(tmp_path, tiny_ckpt, local_in, tmp_path / "local")) == 0
 
     keys = set(out.listing())
-    names = [f"t{i:02d}" for i in range(N)]
+    names = [f"t{i:02d}" for i in range(N)] + ["g"]
     assert keys == {f"{n}{s}" for n in names for s in (".npz", ".tif", ".json")} | {
         "_stage2_summary.json", "_stage2_index.json"}
     for n in names:
@@ -61,11 +64,14 @@ def test_s3_to_s3_run_equals_the_local_run(s3, tmp_path, tiny_ckpt):
         with out.local_copy(f"{n}.tif") as here:
             np.testing.assert_allclose(cog.read_cog(here / f"{n}.tif").array, want, atol=1e-6)
         meta = _json(out, f"{n}.json")
-        assert meta["processing"]["input_file"] == f"{inp}/{n}.npz"
-        assert meta["processing"]["input_size"] == (local_in / f"{n}.npz").stat().st_size
+        source = next(local_in.glob(f"{n}.*"))
+        assert meta["processing"]["input_file"] == f"{inp}/{source.name}"
+        assert meta["processing"]["input_size"] == source.stat().st_size
     assert _json(out, "t01.json")["month"] == 2
+    with out.local_copy("g.tif") as here:
+        assert cog.read_cog(here / "g.tif").geo == GeoRef(CRS, TRANSFORM)       # the GeoTIFF's place, kept
     summary = _json(out, "_stage2_summary.json")
-    assert (summary["found"], summary["processed"], summary["failed"]) == (N, N, 0)
+    assert (summary["found"], summary["processed"], summary["failed"]) == (N + 1, N + 1, 0)
     assert summary["output_dir"] == out.url
 
 
@@ -153,6 +159,7 @@ def _predict_process(args: list[str], patch: str, cwd, env: dict) -> subprocess.
 SLOW_JSON = """
 import time
 from stage2.storage import Folder
+from stage2.tiles import GeoRef
 real = Folder.write_bytes
 def write_bytes(self, key, data):
     if key.endswith('.json') and not key.startswith('_'):
@@ -289,3 +296,33 @@ def test_any_fsspec_url_on_either_side(tmp_path, tiny_ckpt, capsys, where):
 
     assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out)) == 0
     assert capsys.readouterr().out.startswith("nothing to do: 3 tiles already done")
+
+
+def test_an_aoi_under_a_bucket_data_root():
+    cfg = compose_app("predict", ["aoi=iowa", "data_root=s3://bucket/data"])
+    assert cfg.input_dir == "s3://bucket/data/stage1_outputs/iowa"
+    assert cfg.output_dir == "s3://bucket/data/stage2_outputs/iowa"
+
+
+def test_a_bucket_that_vanishes_mid_run_stops_the_run_in_one_line(s3, tmp_path, tiny_ckpt, capsys, monkeypatch):
+    import requests
+
+    from stage2.predict import writer
+
+    local_in = tmp_path / "in"
+    _tiles(local_in, 8)
+    inp, out = s3.upload(local_in, "stage1"), Folder(s3.url("stage2"))
+    real, calls = writer.write_output, []
+
+    def write_output(*a, **k):
+        if len(calls) == 3:      # the server forgets every bucket: the output bucket is gone
+            requests.post(f"{s3.endpoint}/moto-api/reset", timeout=10).raise_for_status()
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(writer, "write_output", write_output)
+    code = app.run(_cfg(tmp_path, tiny_ckpt, inp, out.url))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1, err
+    assert err[0].startswith(f"stage2: stopped: {out.url}: the bucket 'stage2-test' does not exist"), err
+    assert "3 tiles written, 0 failed" in err[0] and "summary not written" in err[0]

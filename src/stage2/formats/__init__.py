@@ -69,10 +69,11 @@ def clashing_names(files: Iterable[Path], input_dir: Path) -> set[str]:
     return set(input_keys(tiles.tile_name(f, input_dir) + f.suffix for f in files)[1])
 
 
-def peek_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
+def peek_shape(path: str | os.PathLike, size: int | None = None) -> tuple[int, ...] | None:
     """(bands, H, W) from the file's header without its pixels; None when it cannot be read.
 
-    A URL is read with ranged requests (an NPZ's zip directory and array header, a GeoTIFF's IFD).
+    A URL is read with ranged requests (an NPZ's zip directory and array header, a GeoTIFF's IFD);
+    `size`, the object's size from a listing, spares the request that would ask for it.
     """
     if is_geotiff(path):
         return geotiff.peek_shape(path)
@@ -80,7 +81,8 @@ def peek_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
         return tiles.peek_shape(Path(path))
     try:
         fs, remote = filesystem(str(path))
-        with fs.open(remote, "rb", block_size=1 << 16) as f:
+        extra = {"size": size} if size is not None and fs.protocol[0] in ("s3", "s3a") else {}
+        with fs.open(remote, "rb", block_size=1 << 16, **extra) as f:
             return tiles.peek_shape(f)
     except Exception:       # as for a local file: the full read reports the exact problem
         return None

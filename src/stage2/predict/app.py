@@ -247,9 +247,13 @@ def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], l
               t0: float, outcome: dict[str, Any]) -> int:
     """Print and save the run summary (rank 0); return the exit code."""
     summary = make_summary(cfg, p, parts, result, t0)
-    if p.bucket:
-        bucket.finish(p, [r.name for r in result[0]], result[1])
-    summary.save(p.output_dir)
+    try:
+        if p.bucket:
+            bucket.finish(p, [r.name for r in result[0]], result[1])
+        summary.save(p.output_dir)
+    except RunError as e:       # the bucket went away after the tiles were written: not a "nothing written" 2
+        log.info("\n%s", summary.format())
+        raise RunStopped(f"{e}: {summary.progress_line()} (summary not written; the log has it)") from None
     outcome["summary"] = summary.to_json()
     text = summary.format()
     print(text)

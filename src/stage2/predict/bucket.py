@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import formats
 from ..runtime import RunError, pid_alive, require_dir
@@ -46,10 +46,9 @@ from ..tiles import (
 )
 from .resume import DONE, FOREIGN, INCOMPLETE, MISSING, STALE, RerunPlan
 
-if TYPE_CHECKING:
-    from .app import Plan
-
 log = logging.getLogger("stage2")
+
+Plan = Any      # stage2.predict.app.Plan (not imported: the app imports this module)
 
 STATE_KEYS = ("input_size", "input_mtime", "sidecar_size", "sidecar_mtime")
 

@@ -14,6 +14,7 @@ main process cuts their pixels in `on_before_batch_transfer`, from the tile it r
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -114,6 +115,8 @@ def bucket_key(shape: tuple[int, ...] | None, multiple: int) -> Hashable:
         return "invalid"
     return padded_size(shape[1], shape[2], multiple)
 
+
+PEEK_THREADS = 32      # concurrent header reads of a bucket's tiles (s3fs serves them from one event loop)
 
 # A windowed tile's batches go to one rank, and a batch holding windows of two tiles ties both to
 # that rank. So that such ties cannot chain a whole bucket of windowed tiles onto one rank, a batch
@@ -263,8 +266,7 @@ class TileDataModule(L.LightningDataModule):
         """Items, their bucket keys and the windowed tiles' grids, from the file headers (no pixel data is read)."""
         if self._plan is None:
             items, keys, grids = [], [], {}
-            for i, f in enumerate(self.files):
-                shape = peek_shape(f)
+            for i, shape in enumerate(self._shapes()):
                 key = bucket_key(shape, self.patch_size)
                 grid = None if key == "invalid" else grid_for(shape, self.window, self.patch_size)
                 if grid is None:
@@ -276,6 +278,15 @@ class TileDataModule(L.LightningDataModule):
                 keys += [padded_size(grid.win_h, grid.win_w, self.patch_size)] * grid.count
             self._plan = items, keys, grids
         return self._plan
+
+    def _shapes(self) -> Iterator[tuple[int, ...] | None]:
+        """Each file's shape from its header; a bucket's headers are fetched concurrently (each is a
+        round trip or two: one after the other, 10,000 tiles would wait minutes on network latency)."""
+        if not self.remote:
+            return (peek_shape(f) for f in self.files)
+        sizes = [self.states.get(f[len(str(self.input_dir)) + 1:], {}).get("input_size") for f in self.files]
+        with ThreadPoolExecutor(PEEK_THREADS) as pool:
+            return iter(list(pool.map(peek_shape, self.files, sizes)))
 
     def bucket_keys(self) -> list[Hashable]:
         """One key per item: padded sizes from the NPZ headers."""
