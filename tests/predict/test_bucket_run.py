@@ -64,7 +64,7 @@ def test_s3_to_s3_run_equals_the_local_run(s3, tmp_path, tiny_ckpt):
         with out.local_copy(f"{n}.tif") as here:
             np.testing.assert_allclose(cog.read_cog(here / f"{n}.tif").array, want, atol=1e-6)
         meta = _json(out, f"{n}.json")
-        source = next(local_in.glob(f"{n}.*"))
+        source = next(p for p in local_in.glob(f"{n}.*") if p.suffix != ".json")
         assert meta["processing"]["input_file"] == f"{inp}/{source.name}"
         assert meta["processing"]["input_size"] == source.stat().st_size
     assert _json(out, "t01.json")["month"] == 2

@@ -317,7 +317,7 @@ class BucketLock:
             if _read_json(self.folder, LOCK_FILE) == self.me:
                 self.folder.delete(LOCK_FILE)
         except Exception as e:      # the bucket went away or refuses us: the next run takes the lock over
-            log.warning("could not remove %s: %s", self.folder.uri(LOCK_FILE), type(e).__name__)
+            log.info("could not remove %s: %s", self.folder.uri(LOCK_FILE), type(e).__name__)
         self.me = None
 
     def _acquire(self) -> None:
