@@ -16,6 +16,7 @@ used for outputs: closing it (also when the `with` block raised) uploads whateve
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -325,6 +326,10 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ValueError:
         raise RunError(f"{safe_url(url)}: unknown protocol {protocol}://: use a local path, s3://, gs:// "
                        "or another URL fsspec knows") from None
+    # botocore notes where it found the credentials at INFO; the report's console shows INFO lines.
+    for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "google"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
     # No listings cache: a run lists once itself, and a cached listing would hide its own writes.
     fs, root = fsspec.core.url_to_fs(url, use_listings_cache=False)
     return fs, root.rstrip("/")

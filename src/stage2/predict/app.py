@@ -10,6 +10,8 @@ A run is named steps, in the order users need them:
 - summarise: one screen and `_stage2_summary.json`, and the exit code. A run that stops
   part-way (exit 3) or is interrupted (130) still writes its summary, and says so in one line.
 A finished AOI returns after `trust` ("nothing to do"), without heavy imports.
+With a URL as input_dir or output_dir, plan, lock, trust and the run's own files go through
+stage2.predict.bucket (listings, an index, a lock object); the local path is the same as before.
 """
 
 from __future__ import annotations
@@ -296,7 +298,7 @@ def cut_short(cfg: DictConfig, p: Plan, parts: Parts, t0: float, outcome: dict[s
 def stop_reason(error: BaseException, output_dir: Path | str) -> str:
     """What stopped the run, in words: the output folder's problem, or the unexpected error."""
     if isinstance(error, RunError):         # a bucket refused or vanished mid-run (stage2.storage)
-        return str(error)
+        return first_line(error)
     if is_url(output_dir):
         return f"unexpected {type(error).__name__}: {first_line(error)}"
     problem = folder_problem(error)
