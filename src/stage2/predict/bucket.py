@@ -215,7 +215,10 @@ def decide(p: Plan, names: dict[Any, str], outputs: Folder, skip_existing: bool,
 
 
 def _key(f: Any, input_dir: Path | str) -> str:
-    return Folder(input_dir).key(f) if is_url(input_dir) else Path(f).relative_to(input_dir).as_posix()
+    """An input's key in input_dir (a string operation: this runs once per tile)."""
+    if is_url(input_dir):
+        return str(f)[len(str(input_dir).rstrip("/")) + 1:]
+    return Path(f).relative_to(input_dir).as_posix()
 
 
 def _facts_of_json(text: bytes, js: Entry) -> dict[str, Any] | None:
