@@ -49,8 +49,8 @@ def main() -> None:
     model = stage2.build_model(args.model)
     rng = np.random.default_rng(0)
     bf16 = args.precision == "bf16"
-    print(f"{args.model}, {'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; "
-          f"tiles/s, best of {args.repeat}")
+    print(f"{args.model}, {'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} CPUs; tiles/s, best of {args.repeat}")
     for size in args.sizes:
         n = args.tiles or (32 if size <= 128 else 16)
         tiles = [Tile(f"t{i}", None, rng.random((4, size, size), dtype=np.float32), {}, 6, 0) for i in range(n)]
