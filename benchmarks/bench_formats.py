@@ -8,7 +8,11 @@ machine affects them alike; each figure is the median of the rounds. COG variant
 choices behind conf/predict.yaml's `cog:` comments. With --listing N, also the time of one listing
 of a prefix holding N finished tiles (NPZ + COG + JSON each) on a local S3 API (moto, its own process).
 
+With --pipeline N, instead, whole `python -m stage2.predict` runs over N tiles side by side: NPZ -> NPZ
+and GeoTIFF -> COG, steady tiles/s from each run's summary (issue 15's "within 10 %").
+
 usage: python benchmarks/bench_formats.py [--rounds 15] [--listing 1000]
+       python benchmarks/bench_formats.py --pipeline 64 [--pipeline-rounds 3] [--model prithvi_eo_v1_100]
 """
 
 from __future__ import annotations
@@ -173,11 +177,71 @@ def listing_time(n_tiles: int) -> dict[str, float]:
         server.wait()
 
 
+def pipeline_tiles_per_s(count: int, rounds: int, model: str, batch: int) -> dict[str, object]:
+    """Steady tiles/s of `python -m stage2.predict` over the same `count` tiles, NPZ in -> NPZ out and
+    GeoTIFF in -> COG out, one run each per round in turn (hardware=cpu, fp32, fresh `model` weights).
+
+    The tiles are the 120 px demo tiles repeated (GeoTIFF: the same pixels as float32, georeferenced,
+    same sidecars); the figure is the run summary's `tiles_per_s` (model steady state, writes included:
+    hardware=cpu writes between batches), median of the rounds.
+    """
+    import subprocess
+    import sys
+
+    import rasterio
+    import torch
+    from affine import Affine
+
+    import stage2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        torch.manual_seed(0)
+        ckpt = stage2.save_checkpoint(stage2.build_model(model), work / "model.pt")
+        sources = [p for p in sorted(DEMO.glob("*.npz")) if np.load(p)["opt_v1"].shape[1] == 120]
+        (work / "npz").mkdir()
+        (work / "tif").mkdir()
+        for i in range(count):
+            src = sources[i % len(sources)]
+            arr, side = np.load(src)["opt_v1"], (DEMO / f"{src.stem}.json").read_text()
+            np.savez(work / "npz" / f"t{i:04d}.npz", opt_v1=arr)
+            with rasterio.open(work / "tif" / f"t{i:04d}.tif", "w", driver="GTiff", width=arr.shape[2],
+                               height=arr.shape[1], count=4, dtype="float32", crs="EPSG:32633",
+                               transform=Affine(*TRANSFORM)) as ds:
+                ds.write(arr)
+            for d in ("npz", "tif"):
+                (work / d / f"t{i:04d}.json").write_text(side)
+        runs: dict[str, list[float]] = {"npz -> npz": [], "geotiff -> cog": []}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        for r in range(rounds):
+            for name, inp, fmt in (("npz -> npz", "npz", "npz"), ("geotiff -> cog", "tif", "cog")):
+                out = work / f"out_{fmt}_{r}"
+                subprocess.run([sys.executable, "-m", "stage2.predict", "hardware=cpu", "precision=32",
+                                f"batch_size={batch}", f"checkpoint={ckpt}", f"input_dir={work / inp}",
+                                f"output_dir={out}", f"output_format={fmt}", "trainer.enable_progress_bar=false",
+                                f"hydra.run.dir={work / 'runs' / f'{fmt}_{r}'}"], env=env, check=True,
+                               capture_output=True)
+                runs[name].append(json.loads((out / "_stage2_summary.json").read_text())["tiles_per_s"])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"model": model, "tiles": count, "batch_size": batch, "rounds": rounds,
+            **{f"{k} tiles/s": round(v, 2) for k, v in med.items()},
+            "cog/npz": round(med["geotiff -> cog"] / med["npz -> npz"], 3),
+            "all": {k: [round(x, 2) for x in v] for k, v in runs.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--listing", type=int, default=0, help="also time one listing of this many finished tiles on moto")
+    ap.add_argument("--pipeline", type=int, default=0, metavar="TILES",
+                    help="only compare whole predict runs over this many tiles: NPZ -> NPZ vs GeoTIFF -> COG")
+    ap.add_argument("--pipeline-rounds", type=int, default=3)
+    ap.add_argument("--model", default="prithvi_eo_v1_100", help="model of the --pipeline runs (fresh weights)")
+    ap.add_argument("--batch-size", type=int, default=4, help="batch size of the --pipeline runs")
     args = ap.parse_args()
+    if args.pipeline:
+        print(json.dumps(pipeline_tiles_per_s(args.pipeline, args.pipeline_rounds, args.model, args.batch_size)))
+        return
     warnings.filterwarnings("ignore", message="Non-standard compression schema")   # rio-cogeo on zstd
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -198,7 +198,11 @@ def require_dir(path: Path, key: str, hint: str) -> Path:
 
 # ---------------------------------------------------------------------------- config resolvers
 def _aoi_dir(data_root: str, kind: str, aoi: str | None) -> str | None:
-    return None if aoi in (None, "", "None") else str(Path(data_root) / kind / str(aoi))
+    if aoi in (None, "", "None"):
+        return None
+    if "://" in str(data_root):             # a bucket (SPEC 10): Path would fold the URL's "//"
+        return f"{str(data_root).rstrip('/')}/{kind}/{aoi}"
+    return str(Path(data_root) / kind / str(aoi))
 
 
 def register_resolvers() -> None:

@@ -16,10 +16,13 @@ used for outputs: closing it (also when the `with` block raised) uploads whateve
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -146,6 +149,33 @@ class Folder:
         with self._errors():
             return bytes(self.fs.cat_file(self._remote(key)))
 
+    def read_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Several whole objects at once (concurrent requests on an object store); missing keys are left out."""
+        if self.local:
+            out = {}
+            for key in keys:
+                try:
+                    out[key] = self.path(key).read_bytes()
+                except OSError:
+                    continue
+            return out
+        if not keys:
+            return {}
+        with self._errors():
+            got = self.fs.cat([self._remote(k) for k in keys], on_error="return")
+        by_path = {self._remote(k): k for k in keys}
+        return {by_path[path]: bytes(v) for path, v in got.items()
+                if path in by_path and isinstance(v, (bytes, bytearray))}
+
+    def key(self, uri: str) -> str:
+        """The key of `uri` (a full path or URL inside this folder)."""
+        if self.local:
+            return Path(uri).relative_to(self.root).as_posix()
+        base = f"{self.url}/"
+        if not str(uri).startswith(base):
+            raise ValueError(f"{safe_url(str(uri))} is not inside {self!r}")
+        return str(uri)[len(base):]
+
     def open(self, key: str) -> IO[bytes]:
         """A binary file object for reading (remote: ranged reads, for a header or a window)."""
         if self.local:
@@ -173,6 +203,20 @@ class Folder:
                     except FileNotFoundError:
                         continue
             yield Path(tmp)
+
+    def download(self, keys: list[str], dest: Path) -> None:
+        """Copy `keys` (remote folders) into `dest` at their relative paths, concurrently."""
+        if not keys:
+            return
+        for key in keys:
+            (dest / key).parent.mkdir(parents=True, exist_ok=True)
+        with self._errors():
+            self.fs.get([self._remote(k) for k in keys], [str(dest / k) for k in keys])
+
+    def upload(self, src: Path, keys: list[str]) -> None:
+        """Upload the files `src/<key>` whole under `keys` (a report or figures made locally)."""
+        for key in keys:
+            self.write_path(key, lambda tmp, key=key: shutil.copyfile(src / key, tmp))
 
     # ------------------------------------------------------------------ writing
     def write(self, key: str, write: Callable[[IO[bytes]], None]) -> str:
@@ -243,6 +287,30 @@ class Folder:
             raise error from None
 
 
+def listings(*folders: Folder, recursive: bool = False) -> list[dict[str, Entry]]:
+    """The listings of several folders, made at the same time (s3fs is async: the requests overlap)."""
+    if len(folders) == 1 or all(f.local for f in folders):
+        return [f.listing(recursive) for f in folders]
+    with ThreadPoolExecutor(len(folders)) as pool:
+        return list(pool.map(lambda f: f.listing(recursive), folders))
+
+
+@contextmanager
+def mirrored(location: str | os.PathLike, recursive: bool = False, skip: Callable[[str], bool] | None = None,
+             ) -> Iterator[Path]:
+    """A local folder with the files of `location`: the folder itself when local, else a download of
+    its files (one listing, concurrent requests) that is deleted on exit. For the report and evaluate,
+    which read every output anyway. `skip(key)`: keys not to download."""
+    folder = Folder(location)
+    if folder.local:
+        yield Path(str(location)).expanduser()
+        return
+    keys = [k for k in folder.listing(recursive) if not (skip and skip(k))]
+    with tempfile.TemporaryDirectory(prefix="stage2-") as tmp:
+        folder.download(keys, Path(tmp))
+        yield Path(tmp)
+
+
 # ---------------------------------------------------------------------- filesystems
 def filesystem(url: str) -> tuple[Any, str]:
     """The fsspec filesystem and path of `url`; RunError naming the extra to install when it is missing."""
@@ -258,6 +326,10 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ValueError:
         raise RunError(f"{safe_url(url)}: unknown protocol {protocol}://: use a local path, s3://, gs:// "
                        "or another URL fsspec knows") from None
+    # botocore notes where it found the credentials at INFO; the report's console shows INFO lines.
+    for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "google"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
     # No listings cache: a run lists once itself, and a cached listing would hide its own writes.
     fs, root = fsspec.core.url_to_fs(url, use_listings_cache=False)
     return fs, root.rstrip("/")

@@ -37,6 +37,7 @@ RESERVED_PREFIX = "_stage2_"
 SUMMARY_FILE = "_stage2_summary.json"
 FAILURES_FILE = "_stage2_failures.jsonl"
 LOCK_FILE = "_stage2_lock.json"
+INDEX_FILE = "_stage2_index.json"     # a bucket run's record of finished tiles (stage2.predict.bucket)
 # Keys Stage 2 writes into the output JSON; a sidecar's own values of them are kept under "stage1" (SPEC 3).
 STAGE2_KEYS = ("stage", "timestamp", "processing", "quality", "metadata_defaults")
 STAGE1_KEY = "stage1"

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import tiles
-from ..storage import Folder
+from ..storage import Folder, filesystem, is_url
 from . import cog, geotiff
 
 NPZ_SUFFIX = ".npz"
@@ -69,9 +69,54 @@ def clashing_names(files: Iterable[Path], input_dir: Path) -> set[str]:
     return set(input_keys(tiles.tile_name(f, input_dir) + f.suffix for f in files)[1])
 
 
-def peek_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
-    """(bands, H, W) from the file's header without its pixels; None when it cannot be read."""
-    return geotiff.peek_shape(path) if is_geotiff(path) else tiles.peek_shape(Path(path))
+def peek_shape(path: str | os.PathLike, size: int | None = None) -> tuple[int, ...] | None:
+    """(bands, H, W) from the file's header without its pixels; None when it cannot be read.
+
+    A URL is read with ranged requests (an NPZ's zip directory and array header, a GeoTIFF's IFD);
+    `size`, the object's size from a listing, spares the request that would ask for it.
+    """
+    if is_geotiff(path):
+        return geotiff.peek_shape(path)
+    if not is_url(path):
+        return tiles.peek_shape(Path(path))
+    try:
+        fs, remote = filesystem(str(path))
+        extra = {"size": size} if size is not None and fs.protocol[0] in ("s3", "s3a") else {}
+        with fs.open(remote, "rb", block_size=1 << 16, **extra) as f:
+            return tiles.peek_shape(f)
+    except Exception:       # as for a local file: the full read reports the exact problem
+        return None
+
+
+def file_name(path: str | os.PathLike, input_dir: str | os.PathLike) -> str:
+    """The output name of an input file, local path or URL: its path relative to input_dir, without suffix."""
+    if is_url(input_dir):
+        key = str(path)[len(str(input_dir).rstrip("/")) + 1:]
+        return key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+    return tiles.tile_name(Path(path), Path(input_dir))
+
+
+def load_remote_tile(url: str, input_dir: str, *, states: Mapping[str, Mapping[str, Any]], nan_policy: str,
+                     input_scale: float | None, input_offset: float | None,
+                     clashes: Container[str] = ()) -> tiles.Tile | tiles.TileFailure:
+    """load_tile for a tile in a bucket: the tile and its sidecar are downloaded into a temporary folder
+    (the readers want file names), read there, and deleted again.
+
+    `states`: each input key's `input_state` from the run's listing (size and LastModified of the tile
+    and its sidecar): what the output records and a rerun compares, without another request.
+    """
+    folder = Folder(input_dir)
+    key = folder.key(url)
+    state = dict(states.get(key) or {})
+    sidecar = key.rsplit(".", 1)[0] + ".json"
+    keys = [key, sidecar] if state.get("sidecar_size") is not None else [key]
+    with folder.local_copy(*keys) as local:
+        got = load_tile(local / key, local, nan_policy=nan_policy, input_scale=input_scale,
+                        input_offset=input_offset, clashes=clashes)
+    got.path = url          # type: ignore[assignment]   # the file as the user named it (failures list, JSON)
+    if isinstance(got, tiles.Tile):
+        got.source = state
+    return got
 
 
 # ---------------------------------------------------------------------------- names in a listing
@@ -105,7 +150,7 @@ def is_done(listing: Container[str], name: str, output_format: str) -> bool:
     return all(key in listing for key in output_keys(name, output_format))
 
 
-def write_output(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, meta: dict[str, Any], *,
+def write_output(output_dir: str | os.PathLike | Folder, name: str, opt_v2: np.ndarray, meta: dict[str, Any], *,
                  output_format: str, geo: tiles.GeoRef | None, cog_settings: cog.CogSettings) -> bool:
     """Write one tile's output files, each atomically, data first and `<name>.json` last (SPEC 3, 10);
     return whether it is georeferenced (a COG without `geo` is not; an NPZ-only output counts as it is).
@@ -115,7 +160,7 @@ def write_output(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, m
     file fails (a COG with a CRS GDAL does not know: TileError), so a failed tile leaves no output.
     The output folder itself is never created (a vanished folder stops the run).
     """
-    folder = Folder(output_dir)
+    folder = output_dir if isinstance(output_dir, Folder) else Folder(output_dir)
     text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
     *data, js = output_keys(name, output_format)

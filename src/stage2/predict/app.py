@@ -10,6 +10,8 @@ A run is named steps, in the order users need them:
 - summarise: one screen and `_stage2_summary.json`, and the exit code. A run that stops
   part-way (exit 3) or is interrupted (130) still writes its summary, and says so in one line.
 A finished AOI returns after `trust` ("nothing to do"), without heavy imports.
+With a URL as input_dir or output_dir, plan, lock, trust and the run's own files go through
+stage2.predict.bucket (listings, an index, a lock object); the local path is the same as before.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from ..runtime import (
     register_resolvers,
     require_dir,
 )
+from ..storage import is_url
 from ..tiles import discover, remove_stale_temporaries, tile_name
+from . import bucket
+from .bucket import BucketLock, check_locations, is_bucket_run, location
 from .lock import RunLock
 from .preflight import check_output_dir, check_settings
 
@@ -57,10 +62,10 @@ EXPECTED_WARNINGS = (".*custom batch sampler.*", ".*overridden `transfer_batch_t
 class Plan:
     """What the run will do, decided before any tile is read."""
 
-    input_dir: Path
-    output_dir: Path
+    input_dir: Path | str            # a local folder, or an fsspec URL (stage2.predict.bucket)
+    output_dir: Path | str
     checkpoint: Path
-    files: list[Path]
+    files: list[Any]                 # Paths, or URLs of a bucket's tiles
     ignored: list[Path]
     todo: list[Path] = field(default_factory=list)
     done: int = 0
@@ -68,6 +73,17 @@ class Plan:
     untrusted: list[str] = field(default_factory=list)   # existing outputs that are redone
     fingerprint: dict[str, Any] = field(default_factory=dict)   # the checkpoint's (checkpoint.fingerprint)
     clashes: set[str] = field(default_factory=set)   # output names of more than one input (a.npz + a.tif): all fail
+    # Bucket runs only (stage2.predict.bucket): each input's state from the listing, the output listing,
+    # the index of finished tiles, and whether that index must be written again.
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    listing: dict[str, Any] = field(default_factory=dict)
+    index: dict[str, dict[str, Any]] = field(default_factory=dict)
+    index_changed: bool = False
+
+    @property
+    def bucket(self) -> bool:
+        """Whether input_dir or output_dir is a URL: the run lists, reads and writes through stage2.storage."""
+        return is_bucket_run(self.input_dir, self.output_dir)
 
 
 @dataclass
@@ -82,15 +98,14 @@ class Parts:
 
 
 # ---------------------------------------------------------------------------- plan
-def _required_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:
+def _required_paths(cfg: DictConfig) -> tuple[Path | str, Path | str, Path]:
     if cfg.input_dir is None:
         raise RunError("input_dir is not set: pass input_dir=DIR (or aoi=NAME with data_root=DIR)")
     if cfg.output_dir is None:
         raise RunError("output_dir is not set: pass output_dir=DIR (or aoi=NAME with data_root=DIR)")
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise RunError("checkpoint is not set: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
-    return (Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser(),
-            Path(cfg.checkpoint).expanduser())
+    return location(cfg.input_dir), location(cfg.output_dir), Path(cfg.checkpoint).expanduser()
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -100,6 +115,9 @@ def plan(cfg: DictConfig) -> Plan:
     if not ckpt.is_file():
         what = "does not exist" if not ckpt.exists() else "is not a file"
         raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
+    if is_bucket_run(input_dir, output_dir):        # tiles are listed under the lock (bucket.trust)
+        check_locations(input_dir, output_dir)
+        return Plan(input_dir, output_dir, ckpt, [], [])
     require_dir(input_dir, "input_dir", "point input_dir at the folder of Stage 1 tiles")
     check_output_dir(input_dir, output_dir)
     files, ignored = discover(input_dir, bool(cfg.recursive), exclude=output_dir, suffixes=INPUT_SUFFIXES)
@@ -116,6 +134,8 @@ def trust(cfg: DictConfig, p: Plan) -> None:
     from .resume import decide, foreign_error
     from .summary import previous_fingerprint
 
+    if p.bucket:
+        return bucket.trust(cfg, p)
     p.fingerprint = fingerprint(p.checkpoint, previous_fingerprint(p.output_dir))
     clashed = [f for f in p.files if tile_name(f, p.input_dir) in p.clashes]    # never done: they fail each run
     unique = [f for f in p.files if tile_name(f, p.input_dir) not in p.clashes]
@@ -128,7 +148,10 @@ def trust(cfg: DictConfig, p: Plan) -> None:
 
 def nothing_to_do(p: Plan, outcome: dict[str, Any]) -> int:
     """The fast path of a finished AOI: no model, no checkpoint load."""
-    remove_stale_temporaries(p.output_dir)
+    if p.bucket:
+        bucket.nothing_to_do_cleanup(p)
+    else:
+        remove_stale_temporaries(p.output_dir)
     msg = f"nothing to do: {p.done} tiles already done in {p.output_dir}"
     print(msg)
     log.info(msg)
@@ -158,7 +181,7 @@ def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
     data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size,
-                                 clashes=p.clashes)
+                                 clashes=p.clashes, states=p.states)
     processing = {
         "checkpoint": str(p.checkpoint.resolve()),
         "checkpoint_sha256": p.fingerprint["sha256"],
@@ -226,7 +249,13 @@ def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], l
               t0: float, outcome: dict[str, Any]) -> int:
     """Print and save the run summary (rank 0); return the exit code."""
     summary = make_summary(cfg, p, parts, result, t0)
-    summary.save(p.output_dir)
+    try:
+        if p.bucket:
+            bucket.finish(p, [r.name for r in result[0]], result[1])
+        summary.save(p.output_dir)
+    except RunError as e:       # the bucket went away after the tiles were written: not a "nothing written" 2
+        log.info("\n%s", summary.format())
+        raise RunStopped(f"{e}: {summary.progress_line()} (summary not written; the log has it)") from None
     outcome["summary"] = summary.to_json()
     text = summary.format()
     print(text)
@@ -253,17 +282,25 @@ def cut_short(cfg: DictConfig, p: Plan, parts: Parts, t0: float, outcome: dict[s
     outcome["summary"] = summary.to_json()
     log.info("\n%s", summary.format())
     try:
+        if p.bucket:
+            bucket.finish(p, [r.name for r in local[0]], local[1])
         saved = f"summary in {summary.save(p.output_dir)}"
     except OSError as e:
         saved = f"summary not written ({e.strerror}); the log has it"
+    except RunError as e:
+        saved = f"summary not written ({e}); the log has it"
     line = f"{summary.progress_line()} ({saved})"
     if interrupted:
         raise RunInterrupted(line) from error
     raise RunStopped(f"{reason}: {line}") from error
 
 
-def stop_reason(error: BaseException, output_dir: Path) -> str:
+def stop_reason(error: BaseException, output_dir: Path | str) -> str:
     """What stopped the run, in words: the output folder's problem, or the unexpected error."""
+    if isinstance(error, RunError):         # a bucket refused or vanished mid-run (stage2.storage)
+        return first_line(error)
+    if is_url(output_dir):
+        return f"unexpected {type(error).__name__}: {first_line(error)}"
     problem = folder_problem(error)
     if problem is not None and not output_dir.is_dir():
         return f"the output folder {output_dir} is gone"
@@ -288,7 +325,7 @@ def _steps(cfg: DictConfig, outcome: dict[str, Any]) -> int:
     t0 = time.perf_counter()
     p = plan(cfg)
     outcome["output_dir"] = str(p.output_dir)
-    with RunLock(p.output_dir):
+    with (BucketLock(p.output_dir) if is_url(p.output_dir) else RunLock(p.output_dir)):
         trust(cfg, p)
         if not p.todo:
             return nothing_to_do(p, outcome)
@@ -304,7 +341,8 @@ def _predict(cfg: DictConfig, p: Plan, t0: float, outcome: dict[str, Any]) -> in
     log.info("checkpoint loaded (%s) at %.1f s", model.config["name"], time.perf_counter() - t0)
     parts = build(cfg, p, model)
     if parts.trainer.is_global_zero:
-        discard(p.output_dir, p.untrusted)      # the first change to outputs: every run-level check has passed
+        # the first change to outputs: every run-level check has passed
+        (bucket.discard if p.bucket else discard)(p.output_dir, p.untrusted)
     try:
         result = execute(parts, t0)
     except BaseException as e:

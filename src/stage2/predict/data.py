@@ -14,6 +14,7 @@ main process cuts their pixels in `on_before_batch_transfer`, from the tile it r
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,9 +24,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..formats import load_tile, peek_shape
+from ..formats import file_name, load_remote_tile, load_tile, peek_shape
 from ..model import pad_to_multiple, padded_size
-from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure, tile_name
+from ..storage import is_url
+from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
 from .windows import Grid, Window, WindowRef, WindowSettings, WindowSource, grid_for
 
 
@@ -113,6 +115,8 @@ def bucket_key(shape: tuple[int, ...] | None, multiple: int) -> Hashable:
         return "invalid"
     return padded_size(shape[1], shape[2], multiple)
 
+
+PEEK_THREADS = 32      # concurrent header reads of a bucket's tiles (s3fs serves them from one event loop)
 
 # A windowed tile's batches go to one rank, and a batch holding windows of two tiles ties both to
 # that rank. So that such ties cannot chain a whole bucket of windowed tiles onto one rank, a batch
@@ -235,13 +239,18 @@ class TileDataModule(L.LightningDataModule):
 
     def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
                  pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any],
-                 input_scale: float | None, input_offset: float | None, clashes: Collection[str]) -> None:
+                 input_scale: float | None, input_offset: float | None, clashes: Collection[str],
+                 states: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
         self.input_scale = input_scale
         self.input_offset = input_offset
         self.clashes = frozenset(clashes)      # output names of more than one input: those inputs fail
         self.files = list(files)
-        self.input_dir = Path(input_dir)
+        # A bucket's tiles are URLs, read through a local copy each (formats.load_remote_tile), with their
+        # input_state from the run's listing (`states`, by key in input_dir).
+        self.remote = is_url(input_dir)
+        self.input_dir = str(input_dir).rstrip("/") if self.remote else Path(input_dir)
+        self.states = dict(states or {})
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
@@ -257,8 +266,7 @@ class TileDataModule(L.LightningDataModule):
         """Items, their bucket keys and the windowed tiles' grids, from the file headers (no pixel data is read)."""
         if self._plan is None:
             items, keys, grids = [], [], {}
-            for i, f in enumerate(self.files):
-                shape = peek_shape(f)
+            for i, shape in enumerate(self._shapes()):
                 key = bucket_key(shape, self.patch_size)
                 grid = None if key == "invalid" else grid_for(shape, self.window, self.patch_size)
                 if grid is None:
@@ -270,6 +278,15 @@ class TileDataModule(L.LightningDataModule):
                 keys += [padded_size(grid.win_h, grid.win_w, self.patch_size)] * grid.count
             self._plan = items, keys, grids
         return self._plan
+
+    def _shapes(self) -> Iterator[tuple[int, ...] | None]:
+        """Each file's shape from its header; a bucket's headers are fetched concurrently (each is a
+        round trip or two: one after the other, 10,000 tiles would wait minutes on network latency)."""
+        if not self.remote:
+            return (peek_shape(f) for f in self.files)
+        sizes = [self.states.get(f[len(str(self.input_dir)) + 1:], {}).get("input_size") for f in self.files]
+        with ThreadPoolExecutor(PEEK_THREADS) as pool:
+            return iter(list(pool.map(peek_shape, self.files, sizes)))
 
     def bucket_keys(self) -> list[Hashable]:
         """One key per item: padded sizes from the NPZ headers."""
@@ -286,9 +303,10 @@ class TileDataModule(L.LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
         items, _, grids = self.plan()
         sampler = self.sampler(rank, world)
-        load = partial(load_tile, input_dir=self.input_dir, nan_policy=self.nan_policy, input_scale=self.input_scale,
+        reader = partial(load_remote_tile, states=self.states) if self.remote else load_tile
+        load = partial(reader, input_dir=self.input_dir, nan_policy=self.nan_policy, input_scale=self.input_scale,
                        input_offset=self.input_offset, clashes=self.clashes)
-        self._source = WindowSource(self.files, grids, load, partial(tile_name, input_dir=self.input_dir))
+        self._source = WindowSource(self.files, grids, load, partial(file_name, input_dir=self.input_dir))
         workers = min(self.num_workers, max(len(sampler), 0))
         return DataLoader(
             TileDataset(self.files, items, load),

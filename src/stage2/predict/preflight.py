@@ -62,12 +62,17 @@ def check_output_dir(input_dir: Path, output_dir: Path) -> None:
     case-insensitive file system all reach the same folder under another name, and writing
     there would overwrite the Stage 1 inputs (with skip_existing=false) or mix them with outputs.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise RunError(f"output_dir {output_dir} is not a directory: point output_dir at a folder "
-                       "(it is created if missing)")
     if output_dir.is_dir() and os.path.samefile(output_dir, input_dir):
         raise RunError(f"output_dir {output_dir} is the input_dir {input_dir} (the same folder by another path): "
                        "write Stage 2 outputs to another folder")
+    check_writable_folder(output_dir)
+
+
+def check_writable_folder(output_dir: Path) -> None:
+    """output_dir is a folder that can be written, or can be made where it is."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunError(f"output_dir {output_dir} is not a directory: point output_dir at a folder "
+                       "(it is created if missing)")
     existing = _nearest_existing(output_dir)
     if not existing.is_dir():
         raise RunError(f"output_dir {output_dir} cannot be created: {existing} is a file, not a folder")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime import EXIT_INTERRUPTED, EXIT_STOPPED, atomic_write_text
+from ..storage import Folder, is_url
 from ..tiles import FAILURES_FILE, SUMMARY_FILE
 
 FIRST_FAILURES = 5
@@ -66,9 +67,11 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, output_dir: str | Path) -> Path:
-        """Atomically write `_stage2_summary.json`."""
+    def save(self, output_dir: str | Path) -> Path | str:
+        """Atomically write `_stage2_summary.json` (in a bucket: one whole object)."""
         text = json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        if is_url(output_dir):
+            return Folder(output_dir).write_bytes(SUMMARY_FILE, text.encode("utf-8"))
         return atomic_write_text(Path(output_dir) / SUMMARY_FILE, text)
 
     def exit_code(self) -> int:

@@ -36,8 +36,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..formats import OUTPUT_FORMATS, write_output
 from ..formats.cog import CogSettings
-from ..runtime import folder_problem, uses_amp
+from ..runtime import RunError, folder_problem, uses_amp
+from ..storage import Folder, is_url
 from ..tiles import FAILURES_FILE, Tile, TileError, output_metadata, remove_stale_temporaries
+from .bucket import write_failures
 from .module import Prediction
 from .summary import FIRST_FAILURES, TileRecord
 from .windows import Assembler, whole_tile
@@ -68,7 +70,10 @@ class TileWriter(BasePredictionWriter):
             raise ValueError(f"output_format={output_format!r}: use one of {list(OUTPUT_FORMATS)}")
         self.output_format = output_format
         self.cog = CogSettings(**cog)
-        self.output_dir = Path(output_dir)
+        self.remote = is_url(output_dir)         # a bucket: whole-object uploads (stage2.storage)
+        self.output_dir = str(output_dir).rstrip("/") if self.remote else Path(output_dir)
+        self.folder = Folder(self.output_dir)
+        self._world = 1
         self.processing = processing        # run-wide `processing` fields of the output JSON
         self.quality = quality
         self.threads = max(0, int(threads))   # 0: write in the main thread, between batches
@@ -89,7 +94,10 @@ class TileWriter(BasePredictionWriter):
         # Here, not in on_predict_start: every rank calls setup, but a rank that got no batch
         # (fewer batches than devices) skips the predict loop and its hooks, so a barrier there
         # would wait forever. Rank 0 cleans up before any rank can write.
-        if trainer.is_global_zero:
+        self._world = trainer.world_size
+        if trainer.is_global_zero and self.remote:
+            self.folder.delete(FAILURES_FILE)           # this run lists its own failures
+        elif trainer.is_global_zero:
             remove_stale_temporaries(self.output_dir)
             (self.output_dir / FAILURES_FILE).unlink(missing_ok=True)  # this run lists its own failures
         trainer.strategy.barrier("stage2-writer-setup")
@@ -142,6 +150,13 @@ class TileWriter(BasePredictionWriter):
     def _record_failure(self, path: Path, reason: str, hint: str) -> None:
         entry = {"file": str(path), "reason": reason, "hint": hint}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        if self.remote:
+            self._record_remote_failure(entry)
+        else:
+            self._append_failure(line, entry)
+        log.warning("failed: %s: %s (%s)", path, reason, hint)
+
+    def _append_failure(self, line: bytes, entry: dict[str, str]) -> None:
         with self._lock:
             fd = os.open(self.output_dir / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
@@ -149,7 +164,14 @@ class TileWriter(BasePredictionWriter):
             finally:
                 os.close(fd)
             self.failures.append(entry)
-        log.warning("failed: %s: %s (%s)", path, reason, hint)
+
+    def _record_remote_failure(self, entry: dict[str, str]) -> None:
+        """An object cannot be appended to: the list is uploaded whole after each failure (one process;
+        with several, rank 0 uploads everyone's at the end: stage2.predict.bucket.finish)."""
+        with self._lock:
+            self.failures.append(entry)
+            if self._world == 1:
+                write_failures(self.folder, self.failures)
 
     def _finished(self, pred: Prediction) -> list[Output]:
         """The batch's whole tiles, and the windowed tiles whose last window this batch brought."""
@@ -182,14 +204,14 @@ class TileWriter(BasePredictionWriter):
                 }
                 meta = output_metadata(_with_georef(tile), processing=processing, defaults=tile.defaults,
                                        quality=q, timestamp=stamp)
-                georeferenced = write_output(self.output_dir, tile.name, o.opt_v2, meta, geo=tile.geo,
+                georeferenced = write_output(self.folder, tile.name, o.opt_v2, meta, geo=tile.geo,
                                              output_format=self.output_format, cog_settings=self.cog)
             except TileError as e:       # the COG cannot carry this tile's georeferencing
                 self._record_failure(tile.path, e.reason, e.hint)
                 continue
             except Exception as e:
-                if folder_problem(e):
-                    raise           # the folder, not this tile: the run stops (exit 3)
+                if folder_problem(e) or isinstance(e, RunError):
+                    raise           # the folder (or the bucket), not this tile: the run stops (exit 3)
                 self._record_failure(tile.path, f"could not write the output: {type(e).__name__}: {e}",
                                      "rename the tile or its sub-folder if the name is the problem, "
                                      "else report it to the stage2 maintainers")

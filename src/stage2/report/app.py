@@ -15,6 +15,8 @@ The last line printed is `report: <absolute path>/index.html`.
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -24,6 +26,7 @@ from omegaconf import DictConfig
 from .. import CONF_DIR, formats
 from ..formats import INPUT_SUFFIXES
 from ..runtime import RunError, atomic_write_text, exit_with, guarded, register_resolvers, require_dir
+from ..storage import Folder, is_url, mirrored
 from ..tiles import TileError, discover
 from .check import OutputInvalid, RunCheck, check_run, read_opt_v2, worst_first
 
@@ -93,15 +96,18 @@ def _fmt(x: float | None) -> str:
 
 
 def make_report(input_dir: Path, output_dir: Path, report_dir: Path, max_tiles: int,
-                recursive: bool) -> tuple[RunCheck, Path, list[str]]:
-    """Check the run and write the report; returns the check, index.html's path and the terminal lines."""
+                recursive: bool, shown: tuple[str, str] | None = None) -> tuple[RunCheck, Path, list[str]]:
+    """Check the run and write the report; returns the check, index.html's path and the terminal lines.
+
+    `shown`: input_dir and output_dir as the user named them, when these are local copies of a bucket's.
+    """
     from .figures import summary_figure
     from .page import render_index
 
     for label, d in (("input_dir", input_dir), ("output_dir", output_dir)):
         require_dir(d, label, f"pass {label}=DIR of the Stage 2 run to report on")
     if not discover(input_dir, recursive, suffixes=INPUT_SUFFIXES)[0]:
-        raise RunError(f"No tiles (*.npz, *.tif, *.tiff) found in {input_dir}: "
+        raise RunError(f"No tiles (*.npz, *.tif, *.tiff) found in {shown[0] if shown else input_dir}: "
                        "point input_dir at the Stage 1 tiles the run read")
     if max_tiles < 0:
         raise RunError(f"max_tiles={max_tiles}: pass 0 or more")
@@ -111,6 +117,7 @@ def make_report(input_dir: Path, output_dir: Path, report_dir: Path, max_tiles: 
         raise RunError(f"report_dir {report_dir} cannot be created: {e.strerror}") from None
 
     chk = check_run(input_dir, output_dir, report_dir, recursive)
+    chk.shown = shown
     n_png = draw_tiles(chk, report_dir, max_tiles)
     rmse = [r.ndvi_rmse for r in chk.rows if r.ndvi_rmse is not None]
     edge = [r.edge_preservation for r in chk.rows if r.edge_preservation is not None]
@@ -118,6 +125,21 @@ def make_report(input_dir: Path, output_dir: Path, report_dir: Path, max_tiles: 
     index = report_dir / INDEX_FILE
     atomic_write_text(index, render_index(chk, worst_first(chk.rows), QUALITY_PNG, max_tiles))
     return chk, index.resolve(), terminal_lines(chk, n_png)
+
+
+def _local_folders(stack: ExitStack, cfg: DictConfig) -> tuple[Path, Path, Path]:
+    """input_dir, output_dir and report_dir as local folders: a URL's files are downloaded for the report
+    (it reads every tile anyway), and a report_dir URL is written locally, then uploaded."""
+    recursive = bool(cfg.recursive)
+    report = str(cfg.report_dir)
+    inside = report[len(str(cfg.output_dir).rstrip("/")) + 1:] + "/" if report.startswith(str(cfg.output_dir)) else None
+    inp = stack.enter_context(mirrored(cfg.input_dir, recursive))
+    out = stack.enter_context(mirrored(cfg.output_dir, recursive, skip=lambda k: bool(inside) and k.startswith(inside)))
+    if is_url(report):
+        report_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stage2-report-")))
+    else:
+        report_dir = Path(report).expanduser()
+    return inp, out, report_dir
 
 
 def run(cfg: DictConfig) -> int:
@@ -131,8 +153,16 @@ def run(cfg: DictConfig) -> int:
             max_tiles = int(cfg.max_tiles)
         except (TypeError, ValueError):
             raise RunError(f"max_tiles={cfg.max_tiles!r} is not a whole number") from None
-        chk, index, lines = make_report(Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser(),
-                                        Path(cfg.report_dir).expanduser(), max_tiles, bool(cfg.recursive))
+        with ExitStack() as stack:
+            inp, out, report_dir = _local_folders(stack, cfg)
+            remote = is_url(cfg.input_dir) or is_url(cfg.output_dir)
+            shown = (str(cfg.input_dir), str(cfg.output_dir)) if remote else None
+            chk, index, lines = make_report(inp, out, report_dir, max_tiles, bool(cfg.recursive), shown)
+            if is_url(cfg.report_dir):
+                target = Folder(cfg.report_dir)
+                target.upload(report_dir, [p.relative_to(report_dir).as_posix()
+                                           for p in sorted(report_dir.rglob("*")) if p.is_file()])
+                index = target.uri(INDEX_FILE)
         print("\n".join(lines))
         print(f"report: {index}", flush=True)
         return 0 if chk.ok else 1

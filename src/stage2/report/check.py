@@ -27,6 +27,7 @@ from ..tiles import (
     SUMMARY_FILE,
     TileError,
     discover,
+    is_reserved,
     tile_name,
 )
 
@@ -87,6 +88,7 @@ class RunCheck:
     failures: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)   # unreadable summary/failures files
+    shown: tuple[str, str] | None = None  # (input_dir, output_dir) as the user named them: URLs of a bucket run
 
     @property
     def ok(self) -> bool:
@@ -117,7 +119,7 @@ def output_names(output_dir: Path, recursive: bool, report_dir: Path) -> tuple[s
     for suffix, into in ((".json", jsons), (".npz", npzs), (cog.SUFFIX, npzs)):
         for p in output_dir.glob(pattern + suffix):
             rel = p.relative_to(output_dir)
-            if any(part.startswith(".") for part in rel.parts) or rel.as_posix() == SUMMARY_FILE:
+            if any(part.startswith(".") for part in rel.parts) or is_reserved(rel.as_posix()):
                 continue
             if recursive and p.resolve().is_relative_to(skip):
                 continue

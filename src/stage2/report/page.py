@@ -253,9 +253,10 @@ def render_index(chk: RunCheck, rows: list[TileRow], quality_png: str, max_tiles
         for i, r in enumerate(rows, 1) if r.png)
     computed = any(r.quality_from == "computed" for r in rows)
     return PAGE.substitute(
-        title=esc(chk.output_dir.name or str(chk.output_dir)),
+        title=esc(chk.shown[1].rsplit("/", 1)[-1] if chk.shown else chk.output_dir.name or str(chk.output_dir)),
         status_text=esc(status), status_class=status_class,
-        output_dir=esc(chk.output_dir.resolve()), input_dir=esc(chk.input_dir.resolve()),
+        output_dir=esc(chk.shown[1] if chk.shown else chk.output_dir.resolve()),
+        input_dir=esc(chk.shown[0] if chk.shown else chk.input_dir.resolve()),
         generated=esc(datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")),
         checks=_checks(chk), run_summary=_run_summary(chk.summary), failures=_failures(chk.failures),
         rmse_target=f"{NDVI_RMSE_TARGET:.2f}", edge_target=f"{EDGE_PRESERVATION_TARGET:.2f}",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,8 @@ from omegaconf import DictConfig
 
 from ..formats import cog, geotiff
 from ..quality import LOWER_IS_BETTER, METRICS, compare
-from ..runtime import RunError, atomic_write_text, guarded, hydra_main, require_dir, required
+from ..runtime import RunError, guarded, hydra_main, require_dir, required
+from ..storage import Folder, mirrored
 from ..tiles import INPUT_KEY, OUTPUT_KEY, TileError, discover, tile_name
 
 EVALUATION_FILE = "_stage2_evaluation.json"
@@ -211,19 +214,32 @@ def write_figures(ev: Evaluation, folder: str | Path) -> list[Path]:
 
 
 def evaluate_app(cfg: DictConfig) -> int:
-    """The evaluate command's steps: score, print the table, save the JSON and the figures."""
+    """The evaluate command's steps: score, print the table, save the JSON and the figures.
+
+    Any of the three folders may be an fsspec URL (SPEC 10): its files are downloaded for the scoring
+    (every tile is read anyway), and the JSON and figures are uploaded into a bucket output_dir.
+    """
     dirs = {k: required(cfg, k, what) for k, what in (("truth_dir", "the true optical tiles"),
                                                         ("input_dir", "the Stage 1 tiles the run read"),
                                                         ("output_dir", "the Stage 2 run's output_dir"))}
-    ev = evaluate_dirs(**dirs)
+    with ExitStack() as stack:
+        local = {k: stack.enter_context(mirrored(v, skip=lambda key: key.startswith(f"{FIGURES_DIR}/")))
+                 for k, v in dirs.items()}
+        ev = evaluate_dirs(**local)
+        out = Folder(dirs["output_dir"])
+        figures = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stage2-eval-"))) if not out.local \
+            else local["output_dir"] / FIGURES_DIR
+        figs = write_figures(ev, figures) if cfg.figures else []
+        if not out.local:
+            for p in figs:
+                out.write_bytes(f"{FIGURES_DIR}/{p.name}", p.read_bytes())
+        ev.truth_dir, ev.input_dir, ev.output_dir = (str(dirs[k]) for k in ("truth_dir", "input_dir", "output_dir"))
     print(ev.format())
-    out = Path(dirs["output_dir"])
     if cfg.save:
         text = json.dumps(_finite(ev.to_json()), indent=2, allow_nan=False) + "\n"
-        print(f"saved {atomic_write_text(out / EVALUATION_FILE, text)}")
+        print(f"saved {out.write_bytes(EVALUATION_FILE, text.encode('utf-8'))}")
     if cfg.figures:
-        figs = write_figures(ev, out / FIGURES_DIR)
-        print(f"figures: {len(figs)} PNGs (truth | opt_v1 | opt_v2 | errors) in {out / FIGURES_DIR}")
+        print(f"figures: {len(figs)} PNGs (truth | opt_v1 | opt_v2 | errors) in {out.uri(FIGURES_DIR)}")
     return 0
 
 
