@@ -13,6 +13,7 @@ and GeoTIFF -> COG, steady tiles/s from each run's summary (issue 15's "within 1
 
 usage: python benchmarks/bench_formats.py [--rounds 15] [--listing 1000]
        python benchmarks/bench_formats.py --pipeline 64 [--pipeline-rounds 3] [--model prithvi_eo_v1_100]
+       [--precision 32|auto]
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def listing_time(n_tiles: int) -> dict[str, float]:
         server.wait()
 
 
-def pipeline_tiles_per_s(count: int, rounds: int, model: str, batch: int) -> dict[str, object]:
+def pipeline_tiles_per_s(count: int, rounds: int, model: str, batch: int, precision: str) -> dict[str, object]:
     """Steady tiles/s of `python -m stage2.predict` over the same `count` tiles, NPZ in -> NPZ out and
     GeoTIFF in -> COG out, one run each per round in turn (hardware=cpu, fp32, fresh `model` weights).
 
@@ -216,14 +217,14 @@ def pipeline_tiles_per_s(count: int, rounds: int, model: str, batch: int) -> dic
         for r in range(rounds):
             for name, inp, fmt in (("npz -> npz", "npz", "npz"), ("geotiff -> cog", "tif", "cog")):
                 out = work / f"out_{fmt}_{r}"
-                subprocess.run([sys.executable, "-m", "stage2.predict", "hardware=cpu", "precision=32",
+                subprocess.run([sys.executable, "-m", "stage2.predict", "hardware=cpu", f"precision={precision}",
                                 f"batch_size={batch}", f"checkpoint={ckpt}", f"input_dir={work / inp}",
                                 f"output_dir={out}", f"output_format={fmt}", "trainer.enable_progress_bar=false",
                                 f"hydra.run.dir={work / 'runs' / f'{fmt}_{r}'}"], env=env, check=True,
                                capture_output=True)
                 runs[name].append(json.loads((out / "_stage2_summary.json").read_text())["tiles_per_s"])
     med = {k: statistics.median(v) for k, v in runs.items()}
-    return {"model": model, "tiles": count, "batch_size": batch, "rounds": rounds,
+    return {"model": model, "tiles": count, "batch_size": batch, "rounds": rounds, "precision": precision,
             **{f"{k} tiles/s": round(v, 2) for k, v in med.items()},
             "cog/npz": round(med["geotiff -> cog"] / med["npz -> npz"], 3),
             "all": {k: [round(x, 2) for x in v] for k, v in runs.items()}}
@@ -237,10 +238,12 @@ def main() -> None:
                     help="only compare whole predict runs over this many tiles: NPZ -> NPZ vs GeoTIFF -> COG")
     ap.add_argument("--pipeline-rounds", type=int, default=3)
     ap.add_argument("--model", default="prithvi_eo_v1_100", help="model of the --pipeline runs (fresh weights)")
+    ap.add_argument("--precision", default="32", help="precision of the --pipeline runs (32, auto, bf16)")
     ap.add_argument("--batch-size", type=int, default=4, help="batch size of the --pipeline runs")
     args = ap.parse_args()
     if args.pipeline:
-        print(json.dumps(pipeline_tiles_per_s(args.pipeline, args.pipeline_rounds, args.model, args.batch_size)))
+        print(json.dumps(pipeline_tiles_per_s(args.pipeline, args.pipeline_rounds, args.model, args.batch_size,
+                                              args.precision)))
         return
     warnings.filterwarnings("ignore", message="Non-standard compression schema")   # rio-cogeo on zstd
     with tempfile.TemporaryDirectory() as tmp:
