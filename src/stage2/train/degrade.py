@@ -21,8 +21,13 @@ Every draw comes from one numpy Generator, so a (tile, seed) pair always gives t
 `degrade_dir` seeds each tile from (seed, tile name), so a tile's result does not depend on which
 other tiles are in the folder. Pure numpy and scipy: it runs inside DataLoader workers.
 
+A second recipe, the broad family of stage2.train.family (conf/degradation/family.yaml: every
+sample draws its own kinds and strengths of error, and a share stays clean), is chosen by the
+config's `recipe` key; `load_params` reads either, and `degrade` runs either.
+
 `python -m stage2.degrade truth_dir=DIR output_dir=DIR seed=N` writes opt_v1 tiles + sidecars
-(conf/degrade.yaml; the ranges are the `degrade` node, e.g. `degrade.noise_sd=[0.01,0.03]`).
+(conf/degrade.yaml; the ranges are the `degrade` node, e.g. `degrade.noise_sd=[0.01,0.03]`, and
+`degradation@degrade=family degrade.only=[haze]` degrades with one kind of the family).
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ from scipy import ndimage
 
 from .. import CONF_DIR
 from ..runtime import RunError, atomic_write, atomic_write_text, guarded, hydra_main, require_dir, required
+from .family import FamilyParams, degrade_family
 
 DEFAULT_DEGRADATION = "translator"     # the conf/degradation/ entry that stage2.train and degrade use
+RECIPES = ("translator", "family")    # the `recipe` key of a conf/degradation/ entry
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class DegradeParams:
     def from_mapping(cls, values: Mapping[str, Any]) -> DegradeParams:
         """From a config mapping (the `degrade` node); unknown or missing keys are an error."""
         values = dict(values)
+        values.pop("recipe", None)
         known = {f.name for f in fields(cls)}
         unknown, missing = set(values) - known, known - set(values)
         if unknown or missing:
@@ -82,12 +90,32 @@ class DegradeParams:
         return cls.from_mapping(OmegaConf.load(CONF_DIR / "degradation" / f"{name}.yaml"))
 
 
-def degrade(truth: np.ndarray, rng: np.random.Generator | int, params: DegradeParams) -> np.ndarray:
+Params = DegradeParams | FamilyParams
+
+
+def load_params(values: Mapping[str, Any]) -> Params:
+    """The `degrade` config node as DegradeParams (recipe translator, the default) or FamilyParams (family)."""
+    recipe = str(values.get("recipe", "translator"))
+    if recipe not in RECIPES:
+        raise ValueError(f"degradation recipe {recipe!r} is unknown: use one of {list(RECIPES)}")
+    return FamilyParams.from_mapping(values) if recipe == "family" else DegradeParams.from_mapping(values)
+
+
+def load_config(name: str = DEFAULT_DEGRADATION) -> Params:
+    """The entry `conf/degradation/<name>.yaml`, either recipe (for notebooks, tests and benchmarks)."""
+    from omegaconf import OmegaConf
+
+    return load_params(OmegaConf.load(CONF_DIR / "degradation" / f"{name}.yaml"))
+
+
+def degrade(truth: np.ndarray, rng: np.random.Generator | int | np.random.SeedSequence, params: Params) -> np.ndarray:
     """A float32 (4, H, W) imitation of a Stage 1 output of the true optical tile `truth` (4, H, W) in [0, 1]."""
     rng = np.random.default_rng(rng)
     x = np.asarray(truth, dtype=np.float64)
     if x.ndim != 3 or x.shape[0] != 4:
         raise ValueError(f"degrade expects a (4, H, W) array, got shape {x.shape}")
+    if isinstance(params, FamilyParams):
+        return degrade_family(x, rng, params)
     bands = x.shape[0]
     p = params
     dy, dx = rng.uniform(-p.max_shift, p.max_shift, 2) if p.max_shift > 0 else (0.0, 0.0)
@@ -116,7 +144,7 @@ def tile_seed(seed: int, name: str) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params: DegradeParams) -> list[Path]:
+def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params: Params) -> list[Path]:
     """Degrade every opt_v1 tile of `truth_dir` into `output_dir` (NPZ `opt_v1` + the sidecar, copied).
 
     The result is a Stage 1 stand-in folder that `python -m stage2.predict` reads. Returns the written NPZs.
@@ -143,20 +171,26 @@ def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params
             shutil.copyfile(side, out.with_suffix(".json"))
         written.append(out)
     atomic_write_text(output_dir / "_degradation.json", json.dumps(
-        {"truth_dir": str(truth_dir), "seed": int(seed), "params": asdict(params)}, indent=2) + "\n")
+        {"truth_dir": str(truth_dir), "seed": int(seed), "recipe": _recipe(params), "params": asdict(params)},
+        indent=2) + "\n")
     return written
+
+
+def _recipe(params: Params) -> str:
+    return "family" if isinstance(params, FamilyParams) else "translator"
 
 
 def degrade_app(cfg: DictConfig) -> int:
     """The degrade command's steps: check the settings and folders, degrade, say what was written."""
     try:
-        params = DegradeParams.from_mapping(cfg.degrade)
+        params = load_params(cfg.degrade)
     except (TypeError, ValueError) as e:
         raise RunError(str(e)) from None
     truth_dir = required(cfg, "truth_dir", "the folder of true optical tiles")
     output_dir = required(cfg, "output_dir", "where the Stage 1 stand-ins go")
     written = degrade_dir(truth_dir, output_dir, int(cfg.seed), params)
-    print(f"degraded {len(written)} tiles from {truth_dir} into {output_dir} (seed {int(cfg.seed)})")
+    extra = "" if isinstance(params, DegradeParams) else f", family kinds {','.join(params.active())}"
+    print(f"degraded {len(written)} tiles from {truth_dir} into {output_dir} (seed {int(cfg.seed)}{extra})")
     return 0
 
 
