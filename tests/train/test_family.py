@@ -41,7 +41,7 @@ def test_family_is_deterministic_per_seed_and_has_clean_samples():
     clean = sum(not d for d in drawn) / len(drawn)
     assert abs(clean - F.clean_fraction) < 0.03
     assert {k for d in drawn for k in d} == set(KINDS)          # every kind occurs
-    assert len({tuple(d) for d in drawn}) > 200                # kinds are drawn per sample
+    assert len({tuple(d) for d in drawn}) > 50                 # kinds are drawn per sample
     # a clean sample is the input itself
     s = next(i for i, d in enumerate(drawn) if not d)
     assert np.array_equal(degrade(x, np.random.default_rng(s), F), x)
@@ -125,15 +125,18 @@ def test_real_weight_sets_the_share_of_real_crops(tmp_path):
 
 # ----------------------------------------------------------------------------- no harm
 def test_a_family_trained_refiner_leaves_clean_real_tiles_alone(tmp_path):
-    """Train a tiny refiner briefly on the family (real optical of examples/train_optical), then refine
-    clean real tiles it never saw: RMSE to the truth (= the input) changes by less than 0.005."""
+    """Train a tiny refiner briefly on the family (real optical of examples/train_optical, half the
+    samples clean), then refine clean real tiles it never saw: the RMSE to the truth (= the input)
+    changes by less than 0.005, and by less than before training."""
     import torch
 
-    from stage2.train.app import run as train
+    import stage2
     from stage2.tiles import discover, read_tile
+    from stage2.train.app import run as train
 
-    cfg = compose_app("train", ["hardware=cpu", "precision=32", "degradation@degrade=family", "data.crop=48",
-                                "data.batch_size=8", "data.samples_per_epoch=96", "data.val_fraction=0",
+    cfg = compose_app("train", ["hardware=cpu", "precision=32", "degradation@degrade=family",
+                                "degrade.clean_fraction=0.5", "data.crop=32", "data.batch_size=8",
+                                "data.samples_per_epoch=480", "data.val_fraction=0", "optim.warmup_steps=5",
                                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                                 "trainer.enable_model_summary=false"], tmp_path / "run",
                       optical_dir=REPO / "examples" / "train_optical", output_checkpoint=tmp_path / "r.pt")
@@ -142,14 +145,13 @@ def test_a_family_trained_refiner_leaves_clean_real_tiles_alone(tmp_path):
         assert train(cfg) == 0
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    import stage2
-
+    torch.manual_seed(int(cfg.seed))                  # the app's start: the same initial weights
+    start = stage2.build_model("prithvi_eo_tiny").eval()
     model = stage2.load_model(tmp_path / "r.pt").eval()
-    start = stage2.build_model("prithvi_eo_tiny")
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values(),
-                                                      strict=True))      # it did train
     for f in discover(REPO / "examples" / "demo_aoi")[0]:
         t = read_tile(f, f.parent)
+        x, m, b = torch.from_numpy(t.array)[None], torch.tensor([t.month]), torch.tensor([t.biome])
         with torch.inference_mode():
-            out = model(torch.from_numpy(t.array)[None], torch.tensor([t.month]), torch.tensor([t.biome]))[0].numpy()
-        assert _rmse(out, t.array) < 0.005, f.name
+            before, after = _rmse(start(x, m, b)[0].numpy(), t.array), _rmse(model(x, m, b)[0].numpy(), t.array)
+        print(f"{f.stem}: clean change {before:.4f} untrained -> {after:.4f} trained")
+        assert after < 0.005 and after < before, f.name
