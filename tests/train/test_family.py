@@ -84,8 +84,8 @@ def test_degrade_cli_runs_one_kind_of_the_family(tmp_path, capsys):
 
     truth = tmp_path / "truth"
     x = make_tile(truth / "a.npz", 48, 48, seed=1)
-    cfg = compose_app("degrade", ["degradation@degrade=family", "degrade.only=[haze]", "degrade.clean_fraction=0"], truth_dir=truth,
-                      output_dir=tmp_path / "s1", seed=5)
+    overrides = ["degradation@degrade=family", "degrade.only=[haze]", "degrade.clean_fraction=0"]
+    cfg = compose_app("degrade", overrides, truth_dir=truth, output_dir=tmp_path / "s1", seed=5)
     assert run(cfg) == 0
     assert capsys.readouterr().out.strip() == (f"degraded 1 tiles from {truth} into {tmp_path / 's1'} "
                                                "(seed 5, family kinds haze)")
