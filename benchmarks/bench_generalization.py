@@ -61,14 +61,15 @@ def train(fold: str, out: Path, epochs: int) -> Path:
         held = ",".join(FOLDS.get(fold, ()))
         recipe = ["degradation@degrade=family", f"degrade.exclude=[{held}]"]
     cmd = [sys.executable, "-m", "stage2.train", "hardware=cpu", "precision=32", f"optical_dir={TRAIN_DIR}",
-           "seed=0", f"trainer.max_epochs={epochs}", "trainer.max_time=00:00:20:00",
+           "seed=0", f"trainer.max_epochs={epochs}", "trainer.max_time=00:00:50:00",
            "trainer.enable_progress_bar=false", *recipe,
            f"hydra.run.dir={out / fold / 'train'}", f"output_checkpoint={pt}"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode != 0:
         raise SystemExit(f"training fold {fold} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    print(f"[{fold}] trained in {time.perf_counter() - t0:.0f} s: {r.stdout.strip().splitlines()[1]}", flush=True)
+    done = next((x for x in r.stdout.splitlines() if x.startswith("validation")), "")
+    print(f"[{fold}] trained in {time.perf_counter() - t0:.0f} s; {done}", flush=True)
     return pt
 
 
