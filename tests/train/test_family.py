@@ -40,7 +40,7 @@ def test_family_is_deterministic_per_seed_and_has_clean_samples():
     drawn = [draw_kinds(np.random.default_rng(s), F) for s in range(2000)]
     clean = sum(not d for d in drawn) / len(drawn)
     assert abs(clean - F.clean_fraction) < 0.03
-    assert {k for d in drawn for k in d} == set(KINDS)          # every kind occurs
+    assert {k for d in drawn for k in d} == {k for k in KINDS if F.kinds[k]["p"] > 0}   # every kind with a p
     assert len({tuple(d) for d in drawn}) > 50                 # kinds are drawn per sample
     # a clean sample is the input itself
     s = next(i for i, d in enumerate(drawn) if not d)
@@ -58,6 +58,19 @@ def test_exclude_leaves_kinds_out_without_moving_the_other_draws():
             assert without == [k for k in full if k not in held]
             if not set(full) & set(held):          # the same kinds: the same tile
                 assert np.array_equal(degrade(x, s, F), degrade(x, s, ex))
+
+
+def test_the_translator_kind_is_the_products_own_recipe():
+    """family.yaml's `translator` kind holds conf/degradation/translator.yaml's values (so the demo, which
+    draws it, trains on the degradation `stage2.degrade` makes)."""
+    from dataclasses import asdict
+
+    t = load_config("translator")
+    kind = {k: tuple(v) if isinstance(v, list) else v for k, v in F.kinds["translator"].items() if k != "p"}
+    assert kind == asdict(t)
+    x = _real()
+    y = degrade(x, 4, F.restricted(only=("translator",), clean_fraction=0))
+    assert 0.01 < _rmse(y, x) < 0.05
 
 
 def test_family_settings_are_checked():
