@@ -117,9 +117,9 @@ def evaluate(fold: str, pt: Path, tiles: list, seeds: list[int]) -> dict:
 
 
 def row(label: str, fold: str, s: dict, epochs: dict[str, int]) -> str:
-    ratio = s["rmse_out"] / s["rmse_in"] if s["rmse_in"] > 0 else float("nan")
+    ratio = f"{s['rmse_out'] / s['rmse_in']:.3f}" if s["rmse_in"] > 0 else "-"
     return (f"| {label} | {fold} | {epochs.get(fold, '?')} | {s['rmse_in']:.4f} | {s['rmse_out']:.4f} | "
-            f"{ratio:.2f} | {s['improved']}/{s['n']} |")
+            f"{ratio} | {s['improved']}/{s['n']} |")
 
 
 def trained_epochs(out: Path, fold: str) -> int | None:
