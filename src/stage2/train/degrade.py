@@ -36,58 +36,20 @@ import json
 import shutil
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, ListConfig
-from scipy import ndimage
+from omegaconf import DictConfig
 
 from .. import CONF_DIR
 from ..runtime import RunError, atomic_write, atomic_write_text, guarded, hydra_main, require_dir, required
 from .family import FamilyParams, degrade_family
+from .translator import DegradeParams, degrade_translator
 
-DEFAULT_DEGRADATION = "translator"     # the conf/degradation/ entry that stage2.train and degrade use
+DEFAULT_DEGRADATION = "translator"     # the product's own recipe: stage2.degrade's default (stage2.train: family)
 RECIPES = ("translator", "family")    # the `recipe` key of a conf/degradation/ entry
-
-
-@dataclass(frozen=True)
-class DegradeParams:
-    """Ranges of the degradation; (lo, hi) pairs are sampled uniformly per tile.
-
-    The values live in conf/degradation/*.yaml (the `degrade` key of train.yaml and degrade.yaml).
-    """
-
-    max_shift: float
-    blur_sigma: tuple[float, float]
-    contrast: tuple[float, float]
-    anchor: tuple[float, float, float, float]   # typical land reflectance [B02, B03, B04, B08]
-    gain_sd: float
-    offset_sd: float
-    speckle_sd: tuple[float, float]
-    noise_sd: tuple[float, float]
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> DegradeParams:
-        """From a config mapping (the `degrade` node); unknown or missing keys are an error."""
-        values = dict(values)
-        values.pop("recipe", None)
-        known = {f.name for f in fields(cls)}
-        unknown, missing = set(values) - known, known - set(values)
-        if unknown or missing:
-            raise ValueError(f"degradation keys: unknown {sorted(unknown)}, missing {sorted(missing)}; "
-                             f"expected {sorted(known)}")
-        conv = {k: tuple(float(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else float(v)
-                for k, v in values.items()}
-        return cls(**conv)
-
-    @classmethod
-    def from_config(cls, name: str = DEFAULT_DEGRADATION) -> DegradeParams:
-        """The entry `conf/degradation/<name>.yaml` (for notebooks and tests; apps compose it)."""
-        from omegaconf import OmegaConf
-
-        return cls.from_mapping(OmegaConf.load(CONF_DIR / "degradation" / f"{name}.yaml"))
 
 
 Params = DegradeParams | FamilyParams
@@ -116,27 +78,7 @@ def degrade(truth: np.ndarray, rng: np.random.Generator | int | np.random.SeedSe
         raise ValueError(f"degrade expects a (4, H, W) array, got shape {x.shape}")
     if isinstance(params, FamilyParams):
         return degrade_family(x, rng, params)
-    bands = x.shape[0]
-    p = params
-    dy, dx = rng.uniform(-p.max_shift, p.max_shift, 2) if p.max_shift > 0 else (0.0, 0.0)
-    sigma = rng.uniform(*p.blur_sigma)
-    c = rng.uniform(*p.contrast)
-    gain = 1.0 + rng.normal(0.0, p.gain_sd, bands)
-    offset = rng.normal(0.0, p.offset_sd, bands)
-    speckle_sd = rng.uniform(*p.speckle_sd)
-    noise_sd = rng.uniform(*p.noise_sd)
-
-    y = ndimage.shift(x, (0, dy, dx), order=1, mode="reflect")
-    y = ndimage.gaussian_filter(y, sigma=(0, sigma, sigma), mode="reflect")
-    anchor = np.asarray(p.anchor, dtype=np.float64)[:, None, None]
-    y = anchor + c * (y - anchor)
-    y = gain[:, None, None] * y + offset[:, None, None]
-    if speckle_sd > 0:
-        looks = 1.0 / speckle_sd ** 2          # gamma(k, 1/k): mean 1, sd 1/sqrt(k)
-        y = y * rng.gamma(looks, 1.0 / looks, y.shape)
-    if noise_sd > 0:
-        y = y + rng.normal(0.0, noise_sd, y.shape)
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+    return degrade_translator(x, rng, params)
 
 
 def tile_seed(seed: int, name: str) -> np.random.SeedSequence:

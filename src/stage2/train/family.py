@@ -10,8 +10,8 @@ refiner also learns to leave a good input alone.
 The kinds (`KINDS`, applied in this order; each function's docstring says why it is there):
 geometry (shift, misregistration), loss of detail (blur, smear), invented detail (texture),
 colour (gain_offset, contrast, saturation, colour_shift, haze), noise (noise, speckle) and
-export artefacts (quantise, jpeg); `translator`, the product's own recipe, is a kind too (p 0 by
-default; the demo draws it). Settings: conf/degradation/family.yaml; `exclude` leaves kinds
+export artefacts (quantise, jpeg); `translator`, the product's own recipe, is a kind too (so the
+refiner still learns the errors `stage2.degrade` makes). Settings: conf/degradation/family.yaml; `exclude` leaves kinds
 out (leave-one-kind-out training), `only` keeps just the listed ones (testing on one kind).
 
 Deterministic: one numpy Generator per sample; every kind's coin is tossed and every kind has its
@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from scipy import fft, ndimage
+
+from .translator import DegradeParams, degrade_translator
 
 Kind = Callable[[np.ndarray, np.random.Generator, Mapping[str, Any]], np.ndarray]
 
@@ -196,10 +198,8 @@ def jpeg(y: np.ndarray, rng: np.random.Generator, c: Mapping[str, Any]) -> np.nd
 def translator(y: np.ndarray, rng: np.random.Generator, c: Mapping[str, Any]) -> np.ndarray:
     """The product's own recipe (stage2.train.degrade.DegradeParams, the demo's Stage 1 stand-ins) as
     one kind: a refiner trained on the family still learns the errors the demo and `stage2.degrade` make."""
-    from .degrade import DegradeParams, degrade
-
     params = DegradeParams.from_mapping({k: v for k, v in c.items() if k != "p"})
-    return degrade(np.clip(y, 0.0, 1.0), rng, params).astype(np.float64)
+    return degrade_translator(np.clip(y, 0.0, 1.0), rng, params).astype(np.float64)
 
 
 KINDS: dict[str, Kind] = {f.__name__: f for f in (
