@@ -53,10 +53,10 @@ def build_data(cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     from .data import PairError
-    from .degrade import DegradeParams
+    from .degrade import load_params
 
     try:
-        dm = instantiate(cfg.data)(degrade=DegradeParams.from_mapping(cfg.degrade))
+        dm = instantiate(cfg.data)(degrade=load_params(cfg.degrade))
         dm.setup("fit")
     except (PairError, ValueError) as e:
         raise RunError(str(e)) from None

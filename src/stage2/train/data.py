@@ -8,6 +8,9 @@ Two sources, usable alone or together:
 - simulated pairs: `optical_dir/<stem>.npz` holding true optical tiles in the `opt_v1` format;
   the input is made on the fly by `stage2.degrade` (a stand-in for a real Stage 1 model).
 
+With both, `real_weight` (conf: data.real_weight) is the share of training crops cut from real
+pairs (null: every pixel equally likely).
+
 Training batches are random crops (with random flips and 90-degree turns, applied to both sides
 of the pair); every crop and every degradation is drawn from a Generator seeded by
 (seed, sample index), and the sampler numbers samples by epoch, so a run is reproducible and does
@@ -31,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..tiles import INPUT_KEY, MIN_SIDE, TileError, _load_array, discover, read_sidecar, validate_array
-from .degrade import DegradeParams, degrade, tile_seed
+from .degrade import Params, degrade, load_params, tile_seed
 
 log = logging.getLogger("stage2")
 
@@ -132,7 +135,7 @@ def split(sources: Sequence[PairSource], val_fraction: float, seed: int) -> tupl
     return ([s for i, s in enumerate(sources) if i not in val_idx], [s for i, s in enumerate(sources) if i in val_idx])
 
 
-def load_pair(src: PairSource, seed: int, params: DegradeParams) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(src: PairSource, seed: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
     """A whole tile's (opt_v1, target); a simulated one degraded with the tile's own seed."""
     if src.simulated:
         truth = read_truth(src.path)
@@ -162,6 +165,19 @@ def _reflect_to(a: np.ndarray, size: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
 
 
+def sampling_weights(sources: Sequence[PairSource], real_weight: float | None) -> np.ndarray:
+    """Each tile's chance to give a training crop: by area; with `real_weight` w, real pairs together
+    get w and simulated tiles 1 - w (each by area within its side) when both kinds are present."""
+    area = np.array([s.height * s.width for s in sources], dtype=np.float64)
+    real = np.array([not s.simulated for s in sources])
+    if real_weight is None or real.all() or not real.any():
+        return area / area.sum()
+    w = float(real_weight)
+    if not 0 <= w <= 1:
+        raise ValueError(f"data.real_weight must be in [0, 1] (the share of crops from pairs_dir), got {w}")
+    return np.where(real, w * area / area[real].sum(), (1 - w) * area / area[~real].sum())
+
+
 class RandomCropPairs(Dataset):
     """Sample index -> one random (opt_v1, target) crop, drawn from Generator(seed, index).
 
@@ -169,19 +185,26 @@ class RandomCropPairs(Dataset):
     often as a 120 px one and every pixel is equally likely to be seen.
     """
 
-    def __init__(self, sources: Sequence[PairSource], crop: int, seed: int, params: DegradeParams) -> None:
+    def __init__(self, sources: Sequence[PairSource], crop: int, seed: int, params: Params,
+                 real_weight: float | None = None) -> None:
         if not sources:
             raise ValueError("no training tiles")
         self.sources = list(sources)
         self.crop = int(crop)
         self.seed = int(seed)
         self.params = params
-        area = np.array([s.height * s.width for s in self.sources], dtype=np.float64)
-        self.weights = area / area.sum()
+        self.weights = sampling_weights(self.sources, real_weight)
+
+    def source_at(self, index: int) -> PairSource:
+        """The tile sample `index` is cut from (the first draw of its Generator, as __getitem__ does)."""
+        return self._pick(np.random.default_rng([self.seed, int(index)]))
+
+    def _pick(self, rng: np.random.Generator) -> PairSource:
+        return self.sources[int(rng.choice(len(self.sources), p=self.weights))]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, int(index)])
-        src = self.sources[int(rng.choice(len(self.sources), p=self.weights))]
+        src = self._pick(rng)
         if src.simulated:
             truth = _reflect_to(read_truth(src.path), self.crop)
             size = min(self.crop + 2 * _MARGIN, truth.shape[1], truth.shape[2])
@@ -203,7 +226,7 @@ class RandomCropPairs(Dataset):
 class WholeTilePairs(Dataset):
     """Validation: every held-out tile whole, degraded once (seeded by val_seed and the tile's name)."""
 
-    def __init__(self, sources: Sequence[PairSource], seed: int, params: DegradeParams) -> None:
+    def __init__(self, sources: Sequence[PairSource], seed: int, params: Params) -> None:
         self.sources = list(sources)
         self.seed = int(seed)
         self.params = params
@@ -250,7 +273,8 @@ class PairDataModule(L.LightningDataModule):
 
     def __init__(self, *, pairs_dir: str | Path | None, optical_dir: str | Path | None, crop: int, batch_size: int,
                  samples_per_epoch: int, val_fraction: float, seed: int, val_seed: int,
-                 degrade: Mapping[str, Any] | DegradeParams, num_workers: int, pin_memory: bool) -> None:
+                 degrade: Mapping[str, Any] | Params, num_workers: int, pin_memory: bool,
+                 real_weight: float | None) -> None:
         """Settings from conf/train.yaml's `data` and `degrade` (the app checks crop against the patch size)."""
         super().__init__()
         if pairs_dir in (None, "") and optical_dir in (None, ""):
@@ -264,7 +288,11 @@ class PairDataModule(L.LightningDataModule):
         self.samples_per_epoch = int(samples_per_epoch)
         self.val_fraction = float(val_fraction)
         self.seed, self.val_seed = int(seed), int(val_seed)
-        self.params = degrade if isinstance(degrade, DegradeParams) else DegradeParams.from_mapping(degrade)
+        self.params = degrade if not isinstance(degrade, Mapping) else load_params(degrade)
+        self.real_weight = None if real_weight is None else float(real_weight)
+        if self.real_weight is not None and not 0 <= self.real_weight <= 1:
+            raise ValueError(f"data.real_weight must be in [0, 1] (the share of crops from pairs_dir), "
+                             f"got {self.real_weight}")
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.train_sources: list[PairSource] = []
         self.val_sources: list[PairSource] = []
@@ -289,7 +317,7 @@ class PairDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         return DataLoader(
-            RandomCropPairs(self.train_sources, self.crop, self.seed, self.params),
+            RandomCropPairs(self.train_sources, self.crop, self.seed, self.params, self.real_weight),
             batch_size=self.batch_size, sampler=EpochSampler(self.samples_per_epoch, rank, world),
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False, drop_last=True)

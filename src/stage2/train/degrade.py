@@ -21,8 +21,13 @@ Every draw comes from one numpy Generator, so a (tile, seed) pair always gives t
 `degrade_dir` seeds each tile from (seed, tile name), so a tile's result does not depend on which
 other tiles are in the folder. Pure numpy and scipy: it runs inside DataLoader workers.
 
+A second recipe, the broad family of stage2.train.family (conf/degradation/family.yaml: every
+sample draws its own kinds and strengths of error, and a share stays clean), is chosen by the
+config's `recipe` key; `load_params` reads either, and `degrade` runs either.
+
 `python -m stage2.degrade truth_dir=DIR output_dir=DIR seed=N` writes opt_v1 tiles + sidecars
-(conf/degrade.yaml; the ranges are the `degrade` node, e.g. `degrade.noise_sd=[0.01,0.03]`).
+(conf/degrade.yaml; the ranges are the `degrade` node, e.g. `degrade.noise_sd=[0.01,0.03]`, and
+`degradation@degrade=family degrade.only=[haze]` degrades with one kind of the family).
 """
 
 from __future__ import annotations
@@ -31,84 +36,49 @@ import json
 import shutil
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, ListConfig
-from scipy import ndimage
+from omegaconf import DictConfig
 
 from .. import CONF_DIR
 from ..runtime import RunError, atomic_write, atomic_write_text, guarded, hydra_main, require_dir, required
+from .family import FamilyParams, degrade_family
+from .translator import DegradeParams, degrade_translator
 
-DEFAULT_DEGRADATION = "translator"     # the conf/degradation/ entry that stage2.train and degrade use
-
-
-@dataclass(frozen=True)
-class DegradeParams:
-    """Ranges of the degradation; (lo, hi) pairs are sampled uniformly per tile.
-
-    The values live in conf/degradation/*.yaml (the `degrade` key of train.yaml and degrade.yaml).
-    """
-
-    max_shift: float
-    blur_sigma: tuple[float, float]
-    contrast: tuple[float, float]
-    anchor: tuple[float, float, float, float]   # typical land reflectance [B02, B03, B04, B08]
-    gain_sd: float
-    offset_sd: float
-    speckle_sd: tuple[float, float]
-    noise_sd: tuple[float, float]
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> DegradeParams:
-        """From a config mapping (the `degrade` node); unknown or missing keys are an error."""
-        values = dict(values)
-        known = {f.name for f in fields(cls)}
-        unknown, missing = set(values) - known, known - set(values)
-        if unknown or missing:
-            raise ValueError(f"degradation keys: unknown {sorted(unknown)}, missing {sorted(missing)}; "
-                             f"expected {sorted(known)}")
-        conv = {k: tuple(float(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else float(v)
-                for k, v in values.items()}
-        return cls(**conv)
-
-    @classmethod
-    def from_config(cls, name: str = DEFAULT_DEGRADATION) -> DegradeParams:
-        """The entry `conf/degradation/<name>.yaml` (for notebooks and tests; apps compose it)."""
-        from omegaconf import OmegaConf
-
-        return cls.from_mapping(OmegaConf.load(CONF_DIR / "degradation" / f"{name}.yaml"))
+DEFAULT_DEGRADATION = "translator"     # the product's own recipe: stage2.degrade's default (stage2.train: family)
+RECIPES = ("translator", "family")    # the `recipe` key of a conf/degradation/ entry
 
 
-def degrade(truth: np.ndarray, rng: np.random.Generator | int, params: DegradeParams) -> np.ndarray:
+Params = DegradeParams | FamilyParams
+
+
+def load_params(values: Mapping[str, Any]) -> Params:
+    """The `degrade` config node as DegradeParams (recipe translator, the default) or FamilyParams (family)."""
+    recipe = str(values.get("recipe", "translator"))
+    if recipe not in RECIPES:
+        raise ValueError(f"degradation recipe {recipe!r} is unknown: use one of {list(RECIPES)}")
+    return FamilyParams.from_mapping(values) if recipe == "family" else DegradeParams.from_mapping(values)
+
+
+def load_config(name: str = DEFAULT_DEGRADATION) -> Params:
+    """The entry `conf/degradation/<name>.yaml`, either recipe (for notebooks, tests and benchmarks)."""
+    from omegaconf import OmegaConf
+
+    return load_params(OmegaConf.load(CONF_DIR / "degradation" / f"{name}.yaml"))
+
+
+def degrade(truth: np.ndarray, rng: np.random.Generator | int | np.random.SeedSequence, params: Params) -> np.ndarray:
     """A float32 (4, H, W) imitation of a Stage 1 output of the true optical tile `truth` (4, H, W) in [0, 1]."""
     rng = np.random.default_rng(rng)
     x = np.asarray(truth, dtype=np.float64)
     if x.ndim != 3 or x.shape[0] != 4:
         raise ValueError(f"degrade expects a (4, H, W) array, got shape {x.shape}")
-    bands = x.shape[0]
-    p = params
-    dy, dx = rng.uniform(-p.max_shift, p.max_shift, 2) if p.max_shift > 0 else (0.0, 0.0)
-    sigma = rng.uniform(*p.blur_sigma)
-    c = rng.uniform(*p.contrast)
-    gain = 1.0 + rng.normal(0.0, p.gain_sd, bands)
-    offset = rng.normal(0.0, p.offset_sd, bands)
-    speckle_sd = rng.uniform(*p.speckle_sd)
-    noise_sd = rng.uniform(*p.noise_sd)
-
-    y = ndimage.shift(x, (0, dy, dx), order=1, mode="reflect")
-    y = ndimage.gaussian_filter(y, sigma=(0, sigma, sigma), mode="reflect")
-    anchor = np.asarray(p.anchor, dtype=np.float64)[:, None, None]
-    y = anchor + c * (y - anchor)
-    y = gain[:, None, None] * y + offset[:, None, None]
-    if speckle_sd > 0:
-        looks = 1.0 / speckle_sd ** 2          # gamma(k, 1/k): mean 1, sd 1/sqrt(k)
-        y = y * rng.gamma(looks, 1.0 / looks, y.shape)
-    if noise_sd > 0:
-        y = y + rng.normal(0.0, noise_sd, y.shape)
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+    if isinstance(params, FamilyParams):
+        return degrade_family(x, rng, params)
+    return degrade_translator(x, rng, params)
 
 
 def tile_seed(seed: int, name: str) -> np.random.SeedSequence:
@@ -116,7 +86,7 @@ def tile_seed(seed: int, name: str) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params: DegradeParams) -> list[Path]:
+def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params: Params) -> list[Path]:
     """Degrade every opt_v1 tile of `truth_dir` into `output_dir` (NPZ `opt_v1` + the sidecar, copied).
 
     The result is a Stage 1 stand-in folder that `python -m stage2.predict` reads. Returns the written NPZs.
@@ -143,20 +113,26 @@ def degrade_dir(truth_dir: str | Path, output_dir: str | Path, seed: int, params
             shutil.copyfile(side, out.with_suffix(".json"))
         written.append(out)
     atomic_write_text(output_dir / "_degradation.json", json.dumps(
-        {"truth_dir": str(truth_dir), "seed": int(seed), "params": asdict(params)}, indent=2) + "\n")
+        {"truth_dir": str(truth_dir), "seed": int(seed), "recipe": _recipe(params), "params": asdict(params)},
+        indent=2) + "\n")
     return written
+
+
+def _recipe(params: Params) -> str:
+    return "family" if isinstance(params, FamilyParams) else "translator"
 
 
 def degrade_app(cfg: DictConfig) -> int:
     """The degrade command's steps: check the settings and folders, degrade, say what was written."""
     try:
-        params = DegradeParams.from_mapping(cfg.degrade)
+        params = load_params(cfg.degrade)
     except (TypeError, ValueError) as e:
         raise RunError(str(e)) from None
     truth_dir = required(cfg, "truth_dir", "the folder of true optical tiles")
     output_dir = required(cfg, "output_dir", "where the Stage 1 stand-ins go")
     written = degrade_dir(truth_dir, output_dir, int(cfg.seed), params)
-    print(f"degraded {len(written)} tiles from {truth_dir} into {output_dir} (seed {int(cfg.seed)})")
+    extra = "" if isinstance(params, DegradeParams) else f", family kinds {','.join(params.active())}"
+    print(f"degraded {len(written)} tiles from {truth_dir} into {output_dir} (seed {int(cfg.seed)}{extra})")
     return 0
 
 
