@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import tiles
-from ..storage import Folder, filesystem, is_url
+from ..storage import Folder, filesystem, is_url, relative_key
 from . import cog, geotiff
 
 NPZ_SUFFIX = ".npz"
@@ -91,7 +91,7 @@ def peek_shape(path: str | os.PathLike, size: int | None = None) -> tuple[int, .
 def file_name(path: str | os.PathLike, input_dir: str | os.PathLike) -> str:
     """The output name of an input file, local path or URL: its path relative to input_dir, without suffix."""
     if is_url(input_dir):
-        key = str(path)[len(str(input_dir).rstrip("/")) + 1:]
+        key = relative_key(path, input_dir)
         return key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
     return tiles.tile_name(Path(path), Path(input_dir))
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import formats
 from ..runtime import RunError, pid_alive, require_dir
-from ..storage import Entry, Folder, is_url, safe_url
+from ..storage import Entry, Folder, is_url, relative_key, safe_url
 from ..tiles import (
     FAILURES_FILE,
     INDEX_FILE,
@@ -119,7 +119,7 @@ def discover_inputs(p: Plan, listing: dict[str, Entry], recursive: bool) -> tupl
     for f in ignored:
         log.warning("ignored %s: named like a tile but not a file", f)
     p.ignored = ignored
-    return files, {Path(f).relative_to(p.input_dir).as_posix(): input_state(f) for f in files}
+    return files, {relative_key(f, p.input_dir): input_state(f) for f in files}
 
 
 # ---------------------------------------------------------------------------- trust
@@ -194,7 +194,7 @@ def decide(p: Plan, names: dict[Any, str], outputs: Folder, skip_existing: bool,
         name = names[f]
         if name in p.clashes:
             continue
-        kind = verdicts.get(f) or _verdict(facts.get(name), p.states.get(_key(f, p.input_dir)), sha)
+        kind = verdicts.get(f) or _verdict(facts.get(name), p.states.get(relative_key(f, p.input_dir)), sha)
         counts[kind] += 1
         if kind == DONE and skip_existing:
             plan.done += 1
@@ -212,13 +212,6 @@ def decide(p: Plan, names: dict[Any, str], outputs: Folder, skip_existing: bool,
                  counts[INCOMPLETE], counts[STALE])
     p.index_changed = bool(unread)
     return plan
-
-
-def _key(f: Any, input_dir: Path | str) -> str:
-    """An input's key in input_dir (a string operation: this runs once per tile)."""
-    if is_url(input_dir):
-        return str(f)[len(str(input_dir).rstrip("/")) + 1:]
-    return Path(f).relative_to(input_dir).as_posix()
 
 
 def _facts_of_json(text: bytes, js: Entry) -> dict[str, Any] | None:
@@ -266,7 +259,7 @@ def finish(p: Plan, written: list[str], failures: list[dict[str, str]] | None) -
     index = dict(p.index)
     if written:
         listing = folder.listing(recursive=any("/" in n for n in written))
-        states = {formats.file_name(f, p.input_dir): p.states.get(_key(f, p.input_dir)) for f in p.todo}
+        states = {formats.file_name(f, p.input_dir): p.states.get(relative_key(f, p.input_dir)) for f in p.todo}
         for name in written:
             js = listing.get(f"{name}.json")
             if js is not None:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..formats import file_name, load_remote_tile, load_tile, peek_shape
 from ..model import pad_to_multiple, padded_size
-from ..storage import is_url
+from ..storage import is_url, relative_key
 from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
 from .windows import Grid, Window, WindowRef, WindowSettings, WindowSource, grid_for
 
@@ -284,7 +284,7 @@ class TileDataModule(L.LightningDataModule):
         round trip or two: one after the other, 10,000 tiles would wait minutes on network latency)."""
         if not self.remote:
             return (peek_shape(f) for f in self.files)
-        sizes = [self.states.get(f[len(str(self.input_dir)) + 1:], {}).get("input_size") for f in self.files]
+        sizes = [self.states.get(relative_key(f, self.input_dir), {}).get("input_size") for f in self.files]
         with ThreadPoolExecutor(PEEK_THREADS) as pool:
             return iter(list(pool.map(peek_shape, self.files, sizes)))
 

@@ -149,14 +149,14 @@ class TileWriter(BasePredictionWriter):
     # ------------------------------------------------------------------ work
     def _record_failure(self, path: Path, reason: str, hint: str) -> None:
         entry = {"file": str(path), "reason": reason, "hint": hint}
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         if self.remote:
             self._record_remote_failure(entry)
         else:
-            self._append_failure(line, entry)
+            self._append_failure(entry)
         log.warning("failed: %s: %s (%s)", path, reason, hint)
 
-    def _append_failure(self, line: bytes, entry: dict[str, str]) -> None:
+    def _append_failure(self, entry: dict[str, str]) -> None:
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             fd = os.open(self.output_dir / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:

@@ -165,6 +165,16 @@ def _reflect_to(a: np.ndarray, size: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
 
 
+def checked_real_weight(value: Any) -> float | None:
+    """`data.real_weight` as a float in [0, 1] (or None); ValueError naming the key otherwise."""
+    if value is None:
+        return None
+    w = float(value)
+    if not 0 <= w <= 1:
+        raise ValueError(f"data.real_weight must be in [0, 1] (the share of crops from pairs_dir), got {w}")
+    return w
+
+
 def sampling_weights(sources: Sequence[PairSource], real_weight: float | None) -> np.ndarray:
     """Each tile's chance to give a training crop: by area; with `real_weight` w, real pairs together
     get w and simulated tiles 1 - w (each by area within its side) when both kinds are present."""
@@ -172,9 +182,7 @@ def sampling_weights(sources: Sequence[PairSource], real_weight: float | None) -
     real = np.array([not s.simulated for s in sources])
     if real_weight is None or real.all() or not real.any():
         return area / area.sum()
-    w = float(real_weight)
-    if not 0 <= w <= 1:
-        raise ValueError(f"data.real_weight must be in [0, 1] (the share of crops from pairs_dir), got {w}")
+    w = checked_real_weight(real_weight)
     return np.where(real, w * area / area[real].sum(), (1 - w) * area / area[~real].sum())
 
 
@@ -289,10 +297,7 @@ class PairDataModule(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.seed, self.val_seed = int(seed), int(val_seed)
         self.params = degrade if not isinstance(degrade, Mapping) else load_params(degrade)
-        self.real_weight = None if real_weight is None else float(real_weight)
-        if self.real_weight is not None and not 0 <= self.real_weight <= 1:
-            raise ValueError(f"data.real_weight must be in [0, 1] (the share of crops from pairs_dir), "
-                             f"got {self.real_weight}")
+        self.real_weight = checked_real_weight(real_weight)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.train_sources: list[PairSource] = []
         self.val_sources: list[PairSource] = []

@@ -227,12 +227,11 @@ def evaluate_app(cfg: DictConfig) -> int:
                  for k, v in dirs.items()}
         ev = evaluate_dirs(**local)
         out = Folder(dirs["output_dir"])
-        figures = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stage2-eval-"))) if not out.local \
-            else local["output_dir"] / FIGURES_DIR
-        figs = write_figures(ev, figures) if cfg.figures else []
+        made = local["output_dir"] if out.local else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="stage2-eval-")))
+        figs = write_figures(ev, made / FIGURES_DIR) if cfg.figures else []
         if not out.local:
-            for p in figs:
-                out.write_bytes(f"{FIGURES_DIR}/{p.name}", p.read_bytes())
+            out.upload(made, [p.relative_to(made).as_posix() for p in figs])
         ev.truth_dir, ev.input_dir, ev.output_dir = (str(dirs[k]) for k in ("truth_dir", "input_dir", "output_dir"))
     print(ev.format())
     if cfg.save:
