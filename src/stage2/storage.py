@@ -171,9 +171,19 @@ class Folder:
             return {}
         with self._errors():
             got = self.fs.cat([self._remote(k) for k in keys], on_error="return")
-        by_path = {self._remote(k): k for k in keys}
-        return {by_path[path]: bytes(v) for path, v in got.items()
-                if path in by_path and isinstance(v, (bytes, bytearray))}
+        out = {}
+        for key in keys:
+            value = got.get(self._remote(key))
+            if isinstance(value, (bytes, bytearray)):
+                out[key] = bytes(value)
+            elif not isinstance(value, FileNotFoundError):
+                # A request of the batch failed (a dropped connection under load): once more on its own,
+                # so a flaky moment never reads as "no such output" (which would redo the tile).
+                try:
+                    out[key] = self.read_bytes(key)
+                except FileNotFoundError:
+                    continue
+        return out
 
     def key(self, uri: str) -> str:
         """The key of `uri` (a full path or URL inside this folder)."""
