@@ -115,6 +115,7 @@ def test_the_nothing_to_do_process_imports_neither_torch_nor_terratorch(s3, tmp_
 def test_a_changed_input_and_a_lost_index_are_handled_from_the_listing(s3, tmp_path, tiny_ckpt, capsys):
     local_in, inp, out = _finished_run(s3, tmp_path, tiny_ckpt)
     before = out.read_bytes("t00.npz")
+    time.sleep(1.1)     # S3's LastModified counts whole seconds: a run done within one second would hide the rewrite
     Folder(inp).write_bytes("t03.npz", (local_in / "t03.npz").read_bytes())     # a new LastModified: stale
     out.delete("_stage2_index.json")                    # as after a run killed before it wrote the index
     capsys.readouterr()
