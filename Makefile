@@ -1,15 +1,16 @@
-# The two commands of the README: `make demo` and `make test` (and `make lint`). All create .venv when missing.
+# The two commands of the README: `make demo` and `make test` (and `make lint`, `make docs`). All create .venv when missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+export NO_MKDOCS_2_WARNING := 1
 DEMO_OUT ?= demo_out
 # demo training length (epochs of 64 steps of 16 crops of 96 px) and the degradation seed of the
 # demo's Stage 1 stand-ins (training draws its degradations from seed 0)
 DEMO_EPOCHS ?= 8
 DEMO_SEED ?= 2024
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test docs demo bench clean
 
 $(VENV)/.stage2-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +26,10 @@ lint: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The manual (mkdocs-material, from the dev extra) into site/. --strict: a broken link or anchor fails the build.
+docs: install
+	$(PY) -m mkdocs build --strict -d site
 
 # The demo: train a small refiner on examples/train_optical (simulated Stage 1 inputs; about 2.5 min
 # on 2 CPU cores, capped at 10), turn the held-back tiles of examples/demo_aoi into Stage 1 stand-ins
@@ -44,4 +49,4 @@ bench: install
 	$(PY) benchmarks/bench_predict.py
 
 clean:
-	rm -rf $(DEMO_OUT) outputs multirun .pytest_cache
+	rm -rf $(DEMO_OUT) outputs multirun .pytest_cache site

@@ -55,8 +55,8 @@ def make_inputs(local: Path, n: int, size: int) -> None:
 
 def upload(local: Path, url: str, env: dict[str, str]) -> None:
     """Upload in a child process that has the bench environment (s3fs reads AWS_* when it starts)."""
-    code = ("import sys; from pathlib import Path; from stage2.storage import Folder\n"
-            "src, f = Path(sys.argv[1]), Folder(sys.argv[2])\n"
+    code = ("import sys; from pathlib import Path; from stage2.store import open_store\n"
+            "src, f = Path(sys.argv[1]), open_store(sys.argv[2])\n"
             "for _ in range(100):\n"
             "    try:\n        f.fs.mkdir(f.url.split('://')[1].split('/')[0]); break\n"
             "    except FileExistsError:\n        break\n"

@@ -79,11 +79,11 @@ def measure(stems: dict[int, list[str]], work: Path, rounds: int) -> dict[tuple[
 
     from stage2 import formats, tiles
     from stage2.formats import cog
-    from stage2.storage import Folder
+    from stage2.store import open_store
 
     shipped = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "predict.yaml").cog)
     variants = {k: cog.CogSettings(**v) for k, v in cog_variants(shipped).items()}
-    out = Folder(work / "out")
+    out = open_store(work / "out")
     out.make()
     rng = np.random.default_rng(0)
     v2 = {}
@@ -136,7 +136,7 @@ def listing_time(n_tiles: int) -> dict[str, float]:
     """Seconds to list a prefix holding n_tiles finished outputs (NPZ + COG + JSON) on a local S3 API.
 
     moto runs as its own process (as a real endpoint would be: in this process it would share the
-    GIL with the client). `cold_*`: a fresh `python -c` that imports stage2.storage (and s3fs) and
+    GIL with the client). `cold_*`: a fresh `python -c` that imports stage2.store (and s3fs) and
     lists once, what a rerun pays, best of 3; `warm_listing_s`: another listing in one process.
     """
     import socket
@@ -165,9 +165,9 @@ def listing_time(n_tiles: int) -> dict[str, float]:
         for i in range(n_tiles):
             for ext in ("npz", "tif", "json"):
                 client.put_object(Bucket="bench", Key=f"out/t{i:05d}.{ext}", Body=b"x")
-        code = ("import time; t = time.perf_counter(); from stage2.storage import Folder; "
-                "n = len(Folder('s3://bench/out').listing()); t1 = time.perf_counter(); "
-                "Folder('s3://bench/out').listing(); print(t1 - t, time.perf_counter() - t1, n)")
+        code = ("import time; t = time.perf_counter(); from stage2.store import open_store; "
+                "n = len(open_store('s3://bench/out').listing()); t1 = time.perf_counter(); "
+                "open_store('s3://bench/out').listing(); print(t1 - t, time.perf_counter() - t1, n)")
         runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
                 .stdout.split() for _ in range(3)]
         assert all(int(r[2]) == 3 * n_tiles for r in runs)

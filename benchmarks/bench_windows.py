@@ -154,7 +154,6 @@ def bench_overlap(ckpt: Path, work: Path, tiles: list[np.ndarray], args: argpars
     import torch
 
     import stage2
-    from stage2.tiles import read_output
 
     side, offset = 2048, 100
     v1 = mosaic(side, tiles, offset)
@@ -167,7 +166,7 @@ def bench_overlap(ckpt: Path, work: Path, tiles: list[np.ndarray], args: argpars
     for overlap in (0, 32, 64, 128):
         out = work / f"overlap_out_{overlap}"
         secs, _ = predict(ckpt, inp, out, work / "runs" / f"overlap_{overlap}", args, [f"window.overlap={overlap}"])
-        v2 = read_output(out / "scene_2048.npz")
+        v2 = stage2.read_output(out / "scene_2048.npz").layers["opt_v2"]
         js = json.loads((out / "scene_2048.json").read_text())["processing"]["windows"]
         ratios = {k: seam_ratio(v1, v2, lines, avoid) for k, lines in seam_lines(side, overlap).items() if lines}
         rows.append({"overlap": overlap, "windows": js["count"], "refined_over_tile": js["refined_pixels"] / side**2,

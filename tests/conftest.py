@@ -127,9 +127,9 @@ class S3:
 
     def upload(self, folder: Path, prefix: str) -> str:
         """Copy the files of a local folder under `prefix`; return the prefix's URL."""
-        from stage2.storage import Folder
+        from stage2.store import open_store
 
-        bucket = Folder(self.url(prefix))
+        bucket = open_store(self.url(prefix))
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 bucket.write_bytes(f.relative_to(folder).as_posix(), f.read_bytes())

@@ -112,3 +112,21 @@ def compose_app(config_name: str, overrides: Sequence[str] = (), run_dir: Path |
 def read_json(path: Path) -> Any:
     """A JSON file written by stage2 (UTF-8)."""
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_opt_v2(path: str | Path) -> np.ndarray:
+    """The opt_v2 layer of an output, through the public reader (stage2.read_output)."""
+    from stage2 import read_output
+
+    return read_output(path).layers["opt_v2"]
+
+
+def write_npz_output(output_dir: str | Path, name: str, opt_v2: np.ndarray, meta: dict[str, Any]) -> Path:
+    """An NPZ output written by the product's one writer, as a run writes it (the folder is created)."""
+    from stage2.product import write_output
+    from stage2.store import open_store
+
+    store = open_store(output_dir)
+    store.make()
+    write_output(store, name, {"opt_v2": opt_v2}, meta, output_format="npz", geo=None, cog_settings=None)
+    return Path(output_dir) / f"{name}.json"

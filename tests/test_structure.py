@@ -1,5 +1,5 @@
-"""The shape of the package (issue 12): no import cycles, pipelines apart, every command a Hydra app,
-`import stage2` light, and settings only in conf/.
+"""The shape of the package: no import cycles, each pipeline a room of its own over a shared core, every
+command a Hydra app, `import stage2` light, and settings only in conf/.
 
 The import graph is read from the source with `ast`, so imports inside functions (lazy imports)
 count as much as those at the top of a module.
@@ -21,14 +21,20 @@ from helpers import REPO
 
 SRC = REPO / "src"
 CONF = REPO / "conf"
-PIPELINES = ("stage2.predict", "stage2.train", "stage2.report")
-ENTRY_POINTS = ("app", "__main__")
-NOT_CORE = {"stage2.cli", "stage2.evaluate", "stage2.degrade"}     # command shims over the pipelines
+# Sub-packages that belong to the core: what two pipelines both need lives there (or in a stage2/*.py).
+CORE_PACKAGES = {"stage2.formats", "stage2.store", "stage2.handoff"}
+# Commands that are a thin door into one pipeline, and the only modules outside it that may import it:
+# module -> (that pipeline, why the door exists).
+SHIMS = {
+    "stage2.cli": ("stage2.predict", "the stage2-infer console script maps the guide's flags onto the predict app"),
+    "stage2.degrade": ("stage2.train", "`python -m stage2.degrade` gives training's simulated Stage 1 errors a "
+                                       "command of its own, for the demo and evaluation"),
+}
 COMMANDS = {            # command -> (app module, a line its `--cfg job` prints)
     "stage2.predict": ("stage2.predict.app", "checkpoint: ???"),
     "stage2.train": ("stage2.train.app", "optical_dir: null"),
     "stage2.report": ("stage2.report.app", "max_tiles: 50"),
-    "stage2.evaluate": ("stage2.train.evaluate", "truth_dir: ???"),
+    "stage2.evaluate": ("stage2.evaluate.app", "truth_dir: ???"),
     "stage2.degrade": ("stage2.train.degrade", "truth_dir: ???"),
 }
 
@@ -57,10 +63,69 @@ def imported_modules(path: Path, root: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
+def module_files(root: Path, top: str) -> dict[str, Path]:
+    return {module_name(f, root): f for f in sorted((root / top).rglob("*.py"))}
+
+
 def import_graph(root: Path, top: str) -> dict[str, set[str]]:
-    files = sorted((root / top).rglob("*.py"))
-    known = {module_name(f, root) for f in files}
-    return {module_name(f, root): imported_modules(f, root, known) for f in files}
+    files = module_files(root, top)
+    return {name: imported_modules(f, root, set(files)) for name, f in files.items()}
+
+
+def defines_hydra_app(path: Path) -> bool:
+    """Whether a module builds a Hydra app at its top level: `@hydra.main(...)` on a function, or
+    `main = hydra_main(...)` (stage2.runtime's helper, whose own decorator sits inside a function)."""
+    def names(node: ast.expr) -> str:
+        node = node.func if isinstance(node, ast.Call) else node
+        return ast.unparse(node)
+
+    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+        if isinstance(node, ast.FunctionDef) and any(names(d) == "hydra.main" for d in node.decorator_list):
+            return True
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and names(node.value) == "hydra_main":
+            return True
+    return False
+
+
+def pipelines(root: Path, top: str, core_packages: set[str]) -> dict[str, str | None]:
+    """module -> its pipeline, or None for the core.
+
+    A pipeline is a sub-package of `top` other than the core's, or a module elsewhere that is a Hydra
+    app of its own (`<x>.app`, or one that builds an app: a command added as a single module).
+    """
+    files = module_files(root, top)
+    # a folder of modules is a sub-package, with or without its __init__.py (a namespace package)
+    packages = {".".join(m.split(".")[:2]) for m, f in files.items() if f.parent != root / top}
+    found: dict[str, str | None] = {}
+    for m, f in files.items():
+        head = ".".join(m.split(".")[:2])
+        if head in packages and head not in core_packages:
+            found[m] = head
+        elif m.endswith(".app") or defines_hydra_app(f):
+            found[m] = m
+        else:
+            found[m] = None
+    return found
+
+
+def structure_violations(graph: dict[str, set[str]], pipeline: dict[str, str | None],
+                         shims: dict[str, tuple[str, str]]) -> list[str]:
+    """Every import that crosses a room's wall: a pipeline importing another pipeline, the core
+    importing a pipeline, or a shim importing a pipeline other than its own."""
+    wrong = []
+    for m, targets in sorted(graph.items()):
+        for t in sorted(targets):
+            theirs = pipeline[t]
+            if theirs is None or theirs == pipeline[m]:
+                continue
+            if m in shims:
+                if theirs != shims[m][0]:
+                    wrong.append(f"shim {m} imports {t} (pipeline {theirs}): it may import {shims[m][0]} only")
+            elif pipeline[m] is None:
+                wrong.append(f"core {m} imports {t} (pipeline {theirs})")
+            else:
+                wrong.append(f"pipeline {pipeline[m]}: {m} imports {t} (pipeline {theirs})")
+    return wrong
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -114,32 +179,81 @@ def test_the_cycle_finder_sees_a_cycle_hidden_in_a_function(tmp_path):
     assert find_cycle(import_graph(tmp_path, "pkg")) is None
 
 
-def _pipeline_of(module: str) -> str | None:
-    return next((p for p in PIPELINES if module == p or module.startswith(p + ".")), None)
+@pytest.fixture(scope="module")
+def pipeline() -> dict[str, str | None]:
+    return pipelines(SRC, "stage2", CORE_PACKAGES)
 
 
-def test_no_pipeline_imports_another_pipelines_entry_point(graph):
-    wrong = sorted(f"{m} imports {t}" for m, targets in graph.items() for t in targets
-                   if _pipeline_of(m) and _pipeline_of(t) not in (None, _pipeline_of(m))
-                   and t.rpartition(".")[2] in ENTRY_POINTS)
-    assert not wrong, wrong
+def test_the_pipelines_are_the_commands_rooms(pipeline):
+    found = {p for p in pipeline.values() if p}
+    assert {"stage2.predict", "stage2.train", "stage2.report", "stage2.evaluate"} <= found, found
+    assert not found & CORE_PACKAGES
+    for command, (app, _) in COMMANDS.items():
+        assert pipeline[app], f"{command}: {app} is no pipeline's"
+    core = {m for m, p in pipeline.items() if p is None}
+    assert {"stage2", "stage2.runtime", "stage2.tiles", "stage2.model", "stage2.checkpoint", "stage2.quality",
+            "stage2.figures", "stage2.formats", "stage2.store"} <= core
+    assert set(SHIMS) <= core
+
+
+def test_pipelines_import_no_other_pipeline_and_the_core_imports_none(graph, pipeline):
+    """For every module, lazy imports counted: a pipeline imports the core and itself; the core imports
+    the core; a shim imports the core and its own pipeline."""
+    wrong = structure_violations(graph, pipeline, SHIMS)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_each_shim_is_still_a_door_into_its_pipeline(graph, pipeline):
+    """The allow-list does not go stale: each shim exists and imports the pipeline it is allowed."""
+    for shim, (target, why) in SHIMS.items():
+        assert shim in graph, f"{shim} is gone: remove it from SHIMS ({why})"
+        assert any(pipeline[t] == target for t in graph[shim]), f"{shim} no longer imports {target}"
+
+
+def test_the_structure_check_sees_lazy_imports_across_rooms(tmp_path):
+    """The checks above can fail: a synthetic package with one wrong import of each kind, all lazy."""
+    files = {
+        "__init__.py": "",
+        "core.py": "def f():\n    from .b import x\n    return x\n",
+        "a/__init__.py": "",
+        "a/app.py": "from .. import core\n\n\ndef run():\n    from ..b.x import y\n    return y\n",
+        "b/__init__.py": "",
+        "b/x.py": "from ..store import s\n\ny = s\n",
+        "store/__init__.py": "",
+        "c/y.py": "from .. import core\n",
+        "store/s.py": "from .. import core\n\n\ndef g():\n    from .. import b\n    return b\n",
+        "tool.py": "from .runtime import hydra_main\n\n\ndef run(cfg):\n    from .a import app\n    return app\n"
+                   "\n\nmain = hydra_main('tool', run)\n",
+        "runtime.py": "def hydra_main(name, run):\n    import hydra\n\n    @hydra.main(config_name=name)\n"
+                      "    def main(cfg):\n        return run(cfg)\n\n    return main\n",
+        "cli.py": "def main():\n    from .a.app import run\n    from .b import x\n    return run, x\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / "pkg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkg" / rel).write_text(text)
+    pipeline = pipelines(tmp_path, "pkg", {"pkg.store"})
+    assert pipeline["pkg.a.app"] == "pkg.a" and pipeline["pkg.b.x"] == "pkg.b" and pipeline["pkg.tool"] == "pkg.tool"
+    assert pipeline["pkg.c.y"] == "pkg.c"                  # a folder without __init__.py is a sub-package too
+    assert pipeline["pkg.store.s"] is None and pipeline["pkg.runtime"] is None and pipeline["pkg.cli"] is None
+    wrong = structure_violations(import_graph(tmp_path, "pkg"), pipeline, {"pkg.cli": ("pkg.a", "a door")})
+    assert wrong == ["pipeline pkg.a: pkg.a.app imports pkg.b.x (pipeline pkg.b)",
+                     "shim pkg.cli imports pkg.b.x (pipeline pkg.b): it may import pkg.a only",
+                     "core pkg.core imports pkg.b.x (pipeline pkg.b)",
+                     "core pkg.store.s imports pkg.b (pipeline pkg.b)",
+                     "pipeline pkg.tool: pkg.tool imports pkg.a.app (pipeline pkg.a)"]
 
 
 def test_nothing_imports_a_command_shim(graph):
-    """`__main__` modules, stage2-infer (cli) and the evaluate/degrade shims are where imports end."""
-    shims = {m for m in graph if m.endswith(".__main__")} | NOT_CORE
+    """`__main__` modules and the command shims (SHIMS) are where imports end."""
+    shims = {m for m in graph if m.endswith(".__main__")} | set(SHIMS)
     wrong = sorted(f"{m} imports {t}" for m, targets in graph.items() for t in targets if t in shims)
     assert not wrong, wrong
 
 
-def test_core_modules_import_no_pipeline(graph):
-    core = [m for m in graph if _pipeline_of(m) is None and m not in NOT_CORE]
-    assert {"stage2", "stage2.runtime", "stage2.tiles", "stage2.model", "stage2.checkpoint"} <= set(core)
-    wrong = sorted(f"{m} imports {t}" for m in core for t in graph[m] if _pipeline_of(t))
-    assert not wrong, wrong
-    import stage2  # the lazy public API names core modules only
+def test_the_lazy_public_api_names_core_modules_only(pipeline):
+    import stage2
 
-    assert not [m for m in stage2._EXPORTS.values() if _pipeline_of(m)]
+    assert not [m for m in stage2._EXPORTS.values() if pipeline.get(m)]
 
 
 # ---------------------------------------------------------------------------- commands

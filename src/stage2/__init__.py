@@ -23,7 +23,7 @@ _EXPORTS = {
     "build_model": "stage2.model",
     "Stage2Refiner": "stage2.model",
     "read_tile": "stage2.tiles",
-    "write_tile": "stage2.tiles",
+    "read_output": "stage2.product",
     "Tile": "stage2.tiles",
     "TileError": "stage2.tiles",
 }

@@ -1,4 +1,4 @@
-"""Read, validate and write one tile and its JSON sidecar (SPEC 2, 3, 5).
+"""Stage 1 input: read and validate one NPZ tile and its JSON sidecar (SPEC 2, 5).
 
 Pure numpy and the standard library, no torch: the "nothing to do" fast path, the DataLoader
 workers and the report all use it without paying for a deep-learning import.
@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 
 from .nodata import block_rows, fill_nearest, nodata_mask, row_blocks
-from .runtime import TMP_SUFFIX, atomic_write, pid_alive, temporary_owner
+from .store.base import RESERVED_PREFIX
 
 INPUT_KEY = "opt_v1"
-OUTPUT_KEY = "opt_v2"
 N_BANDS = 4
 BANDS = ("B02", "B03", "B04", "B08")
 MIN_SIDE = 16
@@ -31,16 +30,6 @@ DEFAULT_MONTH = 6
 DEFAULT_BIOME = 0
 CLIP_TOLERANCE = 0.01
 NAN_POLICIES = ("fail", "mask")     # SPEC 9: NaN fails the tile, or marks no-data pixels
-# The run's own files in output_dir (never outputs: their names start with "_stage2_", and a tile
-# whose name starts so fails: its output would overwrite them).
-RESERVED_PREFIX = "_stage2_"
-SUMMARY_FILE = "_stage2_summary.json"
-FAILURES_FILE = "_stage2_failures.jsonl"
-LOCK_FILE = "_stage2_lock.json"
-INDEX_FILE = "_stage2_index.json"     # a bucket run's record of finished tiles (stage2.predict.bucket)
-# Keys Stage 2 writes into the output JSON; a sidecar's own values of them are kept under "stage1" (SPEC 3).
-STAGE2_KEYS = ("stage", "timestamp", "processing", "quality", "metadata_defaults")
-STAGE1_KEY = "stage1"
 
 _MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
            "september", "october", "november", "december"]
@@ -142,35 +131,9 @@ def _dir_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def output_paths(output_dir: Path, name: str) -> tuple[Path, Path]:
-    return output_dir / f"{name}.npz", output_dir / f"{name}.json"
-
-
-def is_done(output_dir: Path, name: str) -> bool:
-    """A tile's JSON (written last) and its NPZ both exist; predict's rerun trust checks more (predict.resume)."""
-    npz, js = output_paths(output_dir, name)
-    return js.is_file() and npz.is_file()
-
-
 def is_reserved(name: str) -> bool:
     """Whether a tile's output name would collide with the run's own `_stage2_*` files."""
     return Path(name).name.startswith(RESERVED_PREFIX)
-
-
-def remove_stale_temporaries(output_dir: Path) -> int:
-    """Delete `.<name>.<pid>.tmp` files whose process is gone; return how many.
-
-    A live process's temporaries (another rank, a writer still running) and any other hidden
-    file (a user's own `.notes.tmp`) are left alone.
-    """
-    n = 0
-    if output_dir.is_dir():
-        for p in output_dir.rglob(f".*{TMP_SUFFIX}"):
-            owner = temporary_owner(p)
-            if owner is not None and p.is_file() and owner != os.getpid() and not pid_alive(owner):
-                p.unlink(missing_ok=True)
-                n += 1
-    return n
 
 
 def input_state(path: Path) -> dict[str, Any]:
@@ -521,72 +484,3 @@ def apply_nan_policy(tile: Tile, nan_policy: str) -> Tile:
         fill_nearest(tile.array, mask)
         tile.nodata = mask
     return tile
-
-
-# --------------------------------------------------------------------------- writing
-
-def output_metadata(meta: dict[str, Any], *, processing: dict[str, Any], defaults: list[str],
-                    quality: dict[str, Any] | None, timestamp: str) -> dict[str, Any]:
-    """The output JSON of one tile (SPEC 3): the input's keys, then Stage 2's own.
-
-    A sidecar's own `stage`, `timestamp`, `processing`, `quality` and `metadata_defaults` (Stage
-    1 writes some of them) are kept under "stage1" rather than overwritten; so is a sidecar's own
-    "stage1" when that key is needed. Values JSON cannot carry strictly (NaN, Infinity) become null.
-    """
-    collide = [k for k in STAGE2_KEYS if k in meta]
-    if collide and STAGE1_KEY in meta:
-        collide.append(STAGE1_KEY)
-    out = {k: v for k, v in meta.items() if k not in collide}
-    if collide:
-        out[STAGE1_KEY] = {k: meta[k] for k in collide}
-    out.update(stage="stage2_refined", timestamp=timestamp, metadata_defaults=list(defaults), processing=processing)
-    if quality is not None:
-        out["quality"] = quality
-    return strict_json(out)
-
-
-def strict_json(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, Infinity) replaced by None, so json.dumps(allow_nan=False) works."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
-def write_tile(output_dir: str | os.PathLike, name: str, opt_v2: np.ndarray, meta: dict[str, Any], *,
-               create: bool = True) -> Path:
-    """Write `<name>.npz` (key opt_v2) then `<name>.json`, each atomically; return the JSON path.
-
-    The JSON is written last, so a tile whose JSON exists is complete (SPEC 3). It is encoded
-    before anything is written (a value JSON cannot hold fails the tile, not half its output),
-    an older JSON is removed before the new NPZ replaces its NPZ (a kill in between leaves no
-    JSON describing the wrong NPZ), and the NPZ is removed again if the JSON cannot be written.
-    With `create=False` (a run) the output folder itself is never created: when it has gone, the
-    write fails and the run stops, rather than filling a new folder with half an AOI.
-    """
-    output_dir = Path(output_dir)
-    npz_path, json_path = output_paths(output_dir, name)
-    text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    if create:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    for parent in reversed(npz_path.relative_to(output_dir).parents[:-1]):   # sub-folders of a recursive run
-        (output_dir / parent).mkdir(exist_ok=True)
-    arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
-    json_path.unlink(missing_ok=True)
-    atomic_write(npz_path, lambda f: np.savez(f, **{OUTPUT_KEY: arr}))
-    data = text.encode("utf-8")
-    try:
-        atomic_write(json_path, lambda f: f.write(data))
-    except BaseException:
-        npz_path.unlink(missing_ok=True)
-        raise
-    return json_path
-
-
-def read_output(path: str | os.PathLike) -> np.ndarray:
-    """The opt_v2 array of an output NPZ (never unpickles)."""
-    with np.load(path, allow_pickle=False) as npz:
-        return npz[OUTPUT_KEY]

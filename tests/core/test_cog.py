@@ -15,7 +15,7 @@ from geotiffs import CRS, TILE_256, TRANSFORM, demo_array, write_geotiff
 from helpers import REPO
 from stage2 import formats, tiles
 from stage2.formats import cog
-from stage2.storage import Folder
+from stage2.store import open_store
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_geotiff_in_cog_out_keeps_values_bands_nodata_and_georeferencing(tmp_pat
     t = formats.read_tile(src, input_scale=None, input_offset=None)
     opt_v2 = refine(t.array)
 
-    out_dir = Folder(tmp_path / "out")
+    out_dir = open_store(tmp_path / "out")
     out_dir.make()
     assert cog.write_cog(out_dir, cog.output_key(t.name), opt_v2, t.geo, settings) is True
 
@@ -62,7 +62,7 @@ def test_npz_sidecar_georeferencing_goes_into_the_cog(tmp_path, settings):
     (tmp_path / "t.json").write_text(json.dumps({"month": 6, "crs": "EPSG:32633", "transform": list(TRANSFORM)}))
     t = tiles.read_tile(tmp_path / "t.npz")
 
-    assert cog.write_cog(Folder(tmp_path), "t.tif", t.array, t.geo, settings) is True
+    assert cog.write_cog(open_store(tmp_path), "t.tif", t.array, t.geo, settings) is True
 
     back = cog.read_cog(tmp_path / "t.tif")
     assert back.geo == tiles.GeoRef(CRS, TRANSFORM)
@@ -73,7 +73,7 @@ def test_npz_sidecar_georeferencing_goes_into_the_cog(tmp_path, settings):
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")   # rio-cogeo's own open
 def test_without_georeferencing_the_cog_is_written_plain_and_the_caller_told(tmp_path, settings):
     arr = demo_array()
-    assert cog.write_cog(Folder(tmp_path), "plain.tif", arr, None, settings) is False
+    assert cog.write_cog(open_store(tmp_path), "plain.tif", arr, None, settings) is False
     assert cog_validate(str(tmp_path / "plain.tif"), quiet=True)[0]
     back = cog.read_cog(tmp_path / "plain.tif")
     assert back.geo is None
@@ -83,14 +83,14 @@ def test_without_georeferencing_the_cog_is_written_plain_and_the_caller_told(tmp
 def test_nan_no_data_pixels_stay_nan(tmp_path, settings):
     arr = demo_array().copy()
     arr[:, :8, :8] = np.nan
-    cog.write_cog(Folder(tmp_path), "nan.tif", arr, tiles.GeoRef(CRS, TRANSFORM), settings)
+    cog.write_cog(open_store(tmp_path), "nan.tif", arr, tiles.GeoRef(CRS, TRANSFORM), settings)
     back = cog.read_cog(tmp_path / "nan.tif").array
     assert np.isnan(back[:, :8, :8]).all() and np.count_nonzero(np.isnan(back)) == 4 * 64
 
 
 def test_a_crs_gdal_does_not_know_fails_the_tile(tmp_path, settings):
     with pytest.raises(tiles.TileError, match="'EPSG:999999' is not a coordinate reference system"):
-        cog.write_cog(Folder(tmp_path), "x.tif", demo_array(), tiles.GeoRef("EPSG:999999", TRANSFORM), settings)
+        cog.write_cog(open_store(tmp_path), "x.tif", demo_array(), tiles.GeoRef("EPSG:999999", TRANSFORM), settings)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -98,10 +98,10 @@ def test_a_crs_gdal_does_not_know_fails_the_tile(tmp_path, settings):
 def test_scenes_get_overviews_and_deflate_is_valid_too(tmp_path, settings):
     scene = np.tile(refine(demo_array(TILE_256)), (1, 4, 4))          # 1024 px
     deflate = cog.CogSettings(**{**settings.__dict__, "compress": "deflate"})
-    cog.write_cog(Folder(tmp_path), "auto.tif", scene, tiles.GeoRef(CRS, TRANSFORM), settings)
-    cog.write_cog(Folder(tmp_path), "two.tif", scene[:, :256, :256], None,
+    cog.write_cog(open_store(tmp_path), "auto.tif", scene, tiles.GeoRef(CRS, TRANSFORM), settings)
+    cog.write_cog(open_store(tmp_path), "two.tif", scene[:, :256, :256], None,
                   cog.CogSettings(**{**settings.__dict__, "overviews": 2}))
-    cog.write_cog(Folder(tmp_path), "deflate.tif", scene, None, deflate)
+    cog.write_cog(open_store(tmp_path), "deflate.tif", scene, None, deflate)
 
     with rasterio.open(tmp_path / "auto.tif") as ds:
         assert ds.overviews(1) == [2, 4]                 # 1024 -> 512 -> 256 = one block
@@ -127,7 +127,7 @@ def test_a_failed_encode_leaves_no_file(tmp_path, settings, monkeypatch):
 
     monkeypatch.setattr(rasterio.shutil, "copy", half_then_fail)
     with pytest.raises(rasterio.errors.RasterioIOError):
-        cog.write_cog(Folder(tmp_path), "x.tif", demo_array(), None, settings)
+        cog.write_cog(open_store(tmp_path), "x.tif", demo_array(), None, settings)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,12 +1,11 @@
 """Reading and writing one tile and its sidecar (SPEC 2, 3)."""
 
-import json
 
 import numpy as np
 import pytest
 
 from helpers import make_tile
-from stage2.tiles import TileError, is_done, normalise_biome, normalise_month, read_output, read_tile, write_tile
+from stage2.tiles import TileError, normalise_biome, normalise_month, read_tile
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -71,16 +70,6 @@ def test_bad_month_in_sidecar_is_a_tile_error(tmp_path):
         read_tile(tmp_path / "t.npz")
 
 
-def test_write_is_complete_and_leaves_no_temporaries(tmp_path):
-    out = np.random.default_rng(0).random((4, 120, 120), dtype=np.float32)
-    meta = {"month": 6, "stage": "stage2_refined", "tile_id": "../../evil"}
-    write_tile(tmp_path, "tile_0001", out, meta)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tile_0001.json", "tile_0001.npz"]
-    assert is_done(tmp_path, "tile_0001")
-    np.testing.assert_array_equal(read_output(tmp_path / "tile_0001.npz"), out)
-    assert json.loads((tmp_path / "tile_0001.json").read_text()) == meta
-
-
 # ----------------------------------------------------------------------------- odd sidecars (SPEC 2, 3)
 def test_sidecar_with_a_byte_order_mark_and_non_strict_numbers(tmp_path):
     make_tile(tmp_path / "t.npz")
@@ -105,33 +94,6 @@ def test_blank_month_and_biome_use_the_defaults(tmp_path, value):
     make_tile(tmp_path / "t.npz", meta={"month": value, "biome_code": value})
     tile = read_tile(tmp_path / "t.npz")
     assert (tile.month, tile.biome, tile.defaults) == (6, 0, ["month", "biome_code"])
-
-
-def test_stage1_keys_are_kept_under_stage1_and_the_json_is_strict(tmp_path):
-    from stage2.tiles import output_metadata
-
-    meta = {"month": 6, "biome_code": 2, "stage": "stage1_translated", "timestamp": "2024-01-01T00:00:00Z",
-            "processing": {"model": "terramind", "loss": float("nan")}, "quality": {"psnr": 31.0},
-            "metadata_defaults": ["biome_code"], "stage1": {"note": "theirs"}, "tile_id": "x"}
-    out = output_metadata(meta, processing={"checkpoint": "c.pt", "t": float("inf")}, defaults=[],
-                          quality={"ndvi_rmse": 0.01}, timestamp="2025-01-01T00:00:00+00:00")
-    assert out["stage1"] == {"stage": "stage1_translated", "timestamp": "2024-01-01T00:00:00Z",
-                             "processing": {"model": "terramind", "loss": None}, "quality": {"psnr": 31.0},
-                             "metadata_defaults": ["biome_code"], "stage1": {"note": "theirs"}}
-    assert (out["stage"], out["processing"], out["quality"], out["metadata_defaults"]) == (
-        "stage2_refined", {"checkpoint": "c.pt", "t": None}, {"ndvi_rmse": 0.01}, [])
-    assert out["tile_id"] == "x" and out["month"] == 6
-    write_tile(tmp_path, "t", np.zeros((4, 16, 16), np.float32), out)
-    json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
-    plain = output_metadata({"month": 6, "stage1": "kept as is"}, processing={}, defaults=["month"], quality=None,
-                            timestamp="now")
-    assert plain["stage1"] == "kept as is" and "quality" not in plain
-
-
-def test_a_write_that_cannot_encode_its_json_leaves_no_orphan_npz(tmp_path):
-    with pytest.raises(ValueError):
-        write_tile(tmp_path, "t", np.zeros((4, 16, 16), np.float32), {"bad": float("nan")})
-    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- discovery

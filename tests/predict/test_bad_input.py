@@ -6,9 +6,9 @@ import pickle
 import numpy as np
 import pytest
 
-from helpers import make_tile
+from helpers import make_tile, read_opt_v2
 from stage2.predict.app import run
-from stage2.tiles import TileError, read_output, read_tile
+from stage2.tiles import TileError, read_tile
 
 
 def _npz(path, **arrays):
@@ -153,7 +153,7 @@ def test_run_writes_every_good_tile_and_reports_every_bad_one(tmp_path, cfg_pred
         assert not (out / name).exists() and not (out / name.replace(".npz", ".json")).exists()
 
     for name, (h, w) in good.items():
-        v2 = read_output(out / f"{name}.npz")
+        v2 = read_opt_v2(out / f"{name}.npz")
         assert v2.shape == (4, h, w) and v2.dtype == np.float32
         assert np.isfinite(v2).all() and 0 <= v2.min() and v2.max() <= 1
         js = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))

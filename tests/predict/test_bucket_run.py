@@ -19,7 +19,8 @@ from geotiffs import CRS, TRANSFORM, demo_array, write_geotiff
 from helpers import compose_app, make_tile
 from stage2.formats import cog
 from stage2.predict import app
-from stage2.storage import Folder
+from stage2.store import Store, open_store
+from stage2.store.remote import BucketStore
 from stage2.tiles import GeoRef
 
 N = 5
@@ -36,12 +37,12 @@ def _cfg(tmp_path, ckpt, inp, out, *overrides, **values):
                        checkpoint=ckpt, input_dir=inp, output_dir=out, **values)
 
 
-def _npz(folder: Folder, key: str) -> np.ndarray:
+def _npz(folder: Store, key: str) -> np.ndarray:
     with np.load(io.BytesIO(folder.read_bytes(key)), allow_pickle=False) as z:
         return z["opt_v2"]
 
 
-def _json(folder: Folder, key: str):
+def _json(folder: Store, key: str):
     return json.loads(folder.read_bytes(key))
 
 
@@ -50,7 +51,7 @@ def test_s3_to_s3_run_equals_the_local_run(s3, tmp_path, tiny_ckpt):
     _tiles(local_in)
     write_geotiff(local_in / "g.tif", demo_array())         # a georeferenced GeoTIFF beside the NPZ tiles
     inp = s3.upload(local_in, "stage1")
-    out = Folder(s3.url("stage2"))
+    out = open_store(s3.url("stage2"))
     assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out.url, "output_format=both")) == 0
     assert app.run(_cfg(tmp_path, tiny_ckpt, local_in, tmp_path / "local")) == 0
 
@@ -78,7 +79,7 @@ def test_s3_to_s3_run_equals_the_local_run(s3, tmp_path, tiny_ckpt):
 def _finished_run(s3, tmp_path, ckpt, n=N):
     local_in = tmp_path / "in"
     _tiles(local_in, n)
-    inp, out = s3.upload(local_in, "stage1"), Folder(s3.url("stage2"))
+    inp, out = s3.upload(local_in, "stage1"), open_store(s3.url("stage2"))
     assert app.run(_cfg(tmp_path, ckpt, inp, out.url)) == 0
     return local_in, inp, out
 
@@ -88,8 +89,8 @@ def test_rerun_of_a_finished_prefix_has_nothing_to_do_without_the_model_or_a_rea
     local_in, inp, out = _finished_run(s3, tmp_path, tiny_ckpt)
     capsys.readouterr()
     read = []
-    real_read_many = Folder.read_many
-    monkeypatch.setattr(Folder, "read_many", lambda self, keys: read.extend(keys) or real_read_many(self, keys))
+    real_read_many = BucketStore.read_many
+    monkeypatch.setattr(BucketStore, "read_many", lambda self, keys: read.extend(keys) or real_read_many(self, keys))
     monkeypatch.setattr(app, "load_checked_model", lambda path: pytest.fail("the model was loaded"))
     outcome: dict = {}
 
@@ -116,7 +117,7 @@ def test_a_changed_input_and_a_lost_index_are_handled_from_the_listing(s3, tmp_p
     local_in, inp, out = _finished_run(s3, tmp_path, tiny_ckpt)
     before = out.read_bytes("t00.npz")
     time.sleep(1.1)     # S3's LastModified counts whole seconds: a run done within one second would hide the rewrite
-    Folder(inp).write_bytes("t03.npz", (local_in / "t03.npz").read_bytes())     # a new LastModified: stale
+    open_store(inp).write_bytes("t03.npz", (local_in / "t03.npz").read_bytes())     # a new LastModified: stale
     out.delete("_stage2_index.json")                    # as after a run killed before it wrote the index
     capsys.readouterr()
 
@@ -132,7 +133,7 @@ def test_a_bad_tile_in_the_bucket_is_listed_in_the_bucket_and_the_others_are_wri
     local_in = tmp_path / "in"
     _tiles(local_in, 3)
     (local_in / "bad.npz").write_bytes(b"not a zip file at all")
-    inp, out = s3.upload(local_in, "stage1"), Folder(s3.url("stage2"))
+    inp, out = s3.upload(local_in, "stage1"), open_store(s3.url("stage2"))
 
     # a DataLoader worker reads the tiles and writer threads upload them (the GPU profiles' way)
     assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out.url, "num_workers=1", "writer_threads=2")) == 1
@@ -159,18 +160,18 @@ def _predict_process(args: list[str], patch: str, cwd, env: dict) -> subprocess.
 # Each tile's JSON upload waits 0.4 s after its data file's: a kill most likely lands between the two.
 SLOW_JSON = """
 import time
-from stage2.storage import Folder
+from stage2.store.remote import BucketStore
 from stage2.tiles import GeoRef
-real = Folder.write_bytes
+real = BucketStore.write_bytes
 def write_bytes(self, key, data):
     if key.endswith('.json') and not key.startswith('_'):
         time.sleep(0.4)
     return real(self, key, data)
-Folder.write_bytes = write_bytes
+BucketStore.write_bytes = write_bytes
 """
 
 
-def _check_whole(out: Folder, listing, checked: set) -> None:
+def _check_whole(out: Store, listing, checked: set) -> None:
     """Every object under a final key is a whole output (no partial upload, no temporary names)."""
     for key in set(listing) - checked:
         assert key.rsplit(".", 1)[-1] in ("npz", "json") and not key.startswith("."), key
@@ -185,7 +186,7 @@ def test_sigkill_mid_run_then_a_rerun_finishes_and_no_partial_object_is_ever_vis
     n = 12
     local_in = tmp_path / "in"
     _tiles(local_in, n)
-    inp, out = s3.upload(local_in, "stage1"), Folder(s3.url("stage2"))
+    inp, out = s3.upload(local_in, "stage1"), open_store(s3.url("stage2"))
     args = [f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out.url}", "hardware=cpu", "precision=32",
             "batch_size=2", f"hydra.run.dir={tmp_path / 'run1'}"]
     proc = _predict_process(args, SLOW_JSON, tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -248,12 +249,12 @@ def test_a_missing_bucket_or_missing_credentials_is_exit_2_in_one_line_without_t
         assert line.startswith(f"stage2: error: {out}: no credentials for s3:// were found: set AWS_ACCESS_KEY_ID")
     logs = "".join(p.read_text() for p in run_dir.rglob("*") if p.is_file())
     assert s3.secret not in r.stdout + r.stderr + logs
-    assert Folder(s3.url("")).listing(recursive=True).keys() == {f"stage1/{f.name}" for f in local_in.iterdir()}
+    assert open_store(s3.url("")).listing(recursive=True).keys() == {f"stage1/{f.name}" for f in local_in.iterdir()}
 
 
 def test_report_and_evaluate_read_a_bucket_run_and_write_into_it(s3, tmp_path, tiny_ckpt, capsys):
+    from stage2.evaluate.app import run as evaluate
     from stage2.report.app import run as report
-    from stage2.train.evaluate import run as evaluate
 
     local_in, inp, out = _finished_run(s3, tmp_path, tiny_ckpt, n=3)
     capsys.readouterr()
@@ -280,7 +281,7 @@ def test_any_fsspec_url_on_either_side(tmp_path, tiny_ckpt, capsys, where):
     """memory:// stands for any fsspec filesystem (gs:// works the same way through gcsfs)."""
     local_in = tmp_path / "in"
     _tiles(local_in, 3)
-    mem = Folder(f"memory://stage2-{tmp_path.name}/{where.split()[0]}")
+    mem = open_store(f"memory://stage2-{tmp_path.name}/{where.split()[0]}")
     if where.startswith("memory"):
         for f in local_in.iterdir():
             mem.write_bytes(f.name, f.read_bytes())
@@ -290,7 +291,7 @@ def test_any_fsspec_url_on_either_side(tmp_path, tiny_ckpt, capsys, where):
     assert app.run(_cfg(tmp_path, tiny_ckpt, inp, out)) == 0
     assert app.run(_cfg(tmp_path, tiny_ckpt, local_in, tmp_path / "reference")) == 0
     capsys.readouterr()
-    outputs = Folder(out)
+    outputs = open_store(out)
     for i in range(3):
         want = np.load(tmp_path / "reference" / f"t{i:02d}.npz")["opt_v2"]
         np.testing.assert_allclose(_npz(outputs, f"t{i:02d}.npz"), want, atol=1e-6)
@@ -312,7 +313,7 @@ def test_a_bucket_that_vanishes_mid_run_stops_the_run_in_one_line(s3, tmp_path, 
 
     local_in = tmp_path / "in"
     _tiles(local_in, 8)
-    inp, out = s3.upload(local_in, "stage1"), Folder(s3.url("stage2"))
+    inp, out = s3.upload(local_in, "stage1"), open_store(s3.url("stage2"))
     real, calls = writer.write_output, []
 
     def write_output(*a, **k):

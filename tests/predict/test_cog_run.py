@@ -11,9 +11,8 @@ import rasterio
 from rio_cogeo.cogeo import cog_validate
 
 from geotiffs import CRS, TILE_120, TILE_256, TRANSFORM, demo_array, write_geotiff
-from helpers import compose_predict
+from helpers import compose_predict, read_opt_v2
 from stage2.predict.app import run
-from stage2.tiles import read_output
 
 META = {"month": 6, "biome_code": 4}
 
@@ -46,7 +45,7 @@ def test_geotiff_in_cog_out_is_a_valid_cog_equal_to_the_npz_of_the_same_run(tmp_
             assert ds.descriptions == ("B02", "B03", "B04", "B08") and ds.dtypes[0] == "float32"
             assert np.isnan(ds.nodata) and ds.block_shapes[0] == (256, 256)     # cog.blocksize
             values = ds.read()
-        np.testing.assert_allclose(values, read_output(out / f"{name}.npz"), atol=1e-6)
+        np.testing.assert_allclose(values, read_opt_v2(out / f"{name}.npz"), atol=1e-6)
         meta = json.loads((out / f"{name}.json").read_text())
         assert meta["crs"] == CRS and meta["transform"] == list(TRANSFORM)
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("_"))

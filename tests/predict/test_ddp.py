@@ -28,7 +28,9 @@ from stage2.predict.app import run
 SIZES = [(32, 32), (40, 48), (64, 56)]       # padded to 32x32, 48x48, 64x64: three buckets
 N_GOOD = 23
 BATCH = 3
-DDP = ["hardware=cpu", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"batch_size={BATCH}"]
+# fp32: bf16 rounds differently with each batch's shape, fp32 only in the last bits (<= 1e-5, SPEC 6)
+DDP = ["hardware=cpu", "precision=32", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+       f"batch_size={BATCH}"]
 
 
 def _write_tiles(folder: Path) -> list[str]:
@@ -64,15 +66,21 @@ def _bad_tile_is_on_rank_1(inp: Path, patch_size: int) -> bool:
     keys = TileDataModule(files=files, input_dir=inp, batch_size=BATCH, num_workers=0, pin_memory=False,
                           patch_size=patch_size, nan_policy="fail",
                           window={"size": 256, "overlap": 64, "above": 512}, input_scale=None, input_offset=0.0,
-                          clashes=()).bucket_keys()
+                          clashes=(), require_georeference=False).bucket_keys()
     rank1 = SizeBucketBatchSampler(keys, BATCH, rank=1, world_size=2).batches
     return any(files[i].name == "zz_bad.npz" for b in rank1 for i in b)
+
+
+def assert_same(a: np.ndarray, b: np.ndarray, name: str) -> None:
+    """Each rank runs on its own share of the cores, and on some CPUs an fp32 GEMM on another thread
+    count or batch shape differs in the last bits (3e-8 seen here): the same within SPEC 6's 1e-5."""
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5, name
 
 
 def _assert_like_reference(out: Path, ref: Path, names: list[str]) -> dict:
     assert sorted(p.stem for p in out.glob("*.npz")) == names
     for name in names:
-        assert np.array_equal(np.load(out / f"{name}.npz")["opt_v2"], np.load(ref / f"{name}.npz")["opt_v2"]), name
+        assert_same(np.load(out / f"{name}.npz")["opt_v2"], np.load(ref / f"{name}.npz")["opt_v2"], name)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]    # no temporaries left
     failures = [json.loads(ln) for ln in (out / "_stage2_failures.jsonl").read_text().splitlines()]
     assert [Path(f["file"]).name for f in failures] == ["zz_bad.npz"]
@@ -175,7 +183,7 @@ def test_two_processes_in_each_job_of_a_sweep(aoi, tiny_ckpt, tmp_path):
         out = data / "stage2_outputs" / aoi_name
         assert sorted(p.stem for p in out.glob("*.npz")) == picked
         for name in picked:
-            assert np.array_equal(np.load(out / f"{name}.npz")["opt_v2"], np.load(ref / f"{name}.npz")["opt_v2"])
+            assert_same(np.load(out / f"{name}.npz")["opt_v2"], np.load(ref / f"{name}.npz")["opt_v2"], name)
         summary = json.loads((out / "_stage2_summary.json").read_text())
         assert (summary["processed"], summary["failed"], summary["device"]) == (len(picked), 0, "cpu x 2")
         assert sorted(p.name for p in (sweep_dir / job).glob("*.log")) == ["stage2_predict.log",
@@ -200,7 +208,7 @@ def test_two_processes_assemble_windowed_tiles_identically_to_one(aoi, tiny_ckpt
         assert (summary["processed"], summary["failed"]) == (N_GOOD, 1)
     for i, name in enumerate(names):
         one, two = (np.load(outs[k] / f"{name}.npz")["opt_v2"] for k in ("one", "two"))
-        assert np.array_equal(one, two), name
+        assert_same(one, two, name)
         windows = json.loads((outs["two"] / f"{name}.json").read_text())["processing"]["windows"]
         assert windows["count"] == (9 if SIZES[i % 3] == (64, 56) else 1), name
     assert not [p.name for p in outs["two"].iterdir() if p.name.startswith(".")]

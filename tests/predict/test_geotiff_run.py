@@ -8,9 +8,8 @@ import json
 import numpy as np
 
 from geotiffs import TILE_120, TILE_256, demo_array, to_dn, write_geotiff
-from helpers import compose_predict
+from helpers import compose_predict, read_opt_v2
 from stage2.predict.app import run
-from stage2.tiles import read_output
 
 META = {"month": 6, "biome_code": 4}
 
@@ -43,8 +42,8 @@ def test_a_geotiff_aoi_gives_the_outputs_of_the_npz_of_the_same_pixels(tmp_path,
 
     assert code == 0 and _summary(tmp_path / "o_tif")["processed"] == 2
     for name in ("a", "b"):
-        want = read_output(tmp_path / "o_npz" / f"{name}.npz")
-        np.testing.assert_allclose(read_output(tmp_path / "o_tif" / f"{name}.npz"), want, atol=1e-6)
+        want = read_opt_v2(tmp_path / "o_npz" / f"{name}.npz")
+        np.testing.assert_allclose(read_opt_v2(tmp_path / "o_tif" / f"{name}.npz"), want, atol=1e-6)
         meta = json.loads((tmp_path / "o_tif" / f"{name}.json").read_text())
         size = (tmp_path / "tif" / f"{name}.tif").stat().st_size
         assert meta["month"] == 6 and meta["processing"]["input_size"] == size
@@ -67,7 +66,7 @@ def test_integer_dns_run_with_input_scale_and_fail_without_it_naming_the_key(tmp
     assert _run(capsys, tiny_ckpt, tmp_path / "ref", tmp_path / "o3")[0] == 0
     assert code == 0
     # DN rounding moves inputs by at most 5e-5; the refined output follows closely
-    np.testing.assert_allclose(read_output(tmp_path / "o2" / "dn.npz"), read_output(tmp_path / "o3" / "dn.npz"),
+    np.testing.assert_allclose(read_opt_v2(tmp_path / "o2" / "dn.npz"), read_opt_v2(tmp_path / "o3" / "dn.npz"),
                                atol=2e-3)
 
 
@@ -83,7 +82,7 @@ def test_geotiff_nodata_is_no_data_under_mask_and_fails_the_tile_otherwise(tmp_p
     assert "nan_policy=mask" in fail["hint"]
 
     code, _ = _run(capsys, tiny_ckpt, tmp_path / "in", tmp_path / "o2", *scale, "nan_policy=mask")
-    v2 = read_output(tmp_path / "o2" / "nd.npz")
+    v2 = read_opt_v2(tmp_path / "o2" / "nd.npz")
     assert code == 0 and np.isnan(v2[:, :10, :20]).all() and np.isfinite(v2[:, 10:, :]).all()
 
 
@@ -94,8 +93,8 @@ def test_a_scene_sized_geotiff_runs_in_windows_like_its_npz(tmp_path, tiny_ckpt,
     assert _run(capsys, tiny_ckpt, tmp_path / "npz", tmp_path / "o_npz")[0] == 0
     assert _run(capsys, tiny_ckpt, tmp_path / "tif", tmp_path / "o_tif")[0] == 0
 
-    np.testing.assert_allclose(read_output(tmp_path / "o_tif" / "scene.npz"),
-                               read_output(tmp_path / "o_npz" / "scene.npz"), atol=1e-6)
+    np.testing.assert_allclose(read_opt_v2(tmp_path / "o_tif" / "scene.npz"),
+                               read_opt_v2(tmp_path / "o_npz" / "scene.npz"), atol=1e-6)
 
 
 def test_an_npz_and_a_geotiff_of_one_name_both_fail_and_other_tiles_run(tmp_path, tiny_ckpt, capsys):

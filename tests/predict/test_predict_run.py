@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 import stage2
-from helpers import compose_app, make_tile, run_cli
+from helpers import compose_app, make_tile, read_opt_v2, run_cli
 from stage2.predict.app import run
-from stage2.tiles import read_output
 
 SPEC_PROCESSING_KEYS = {"input_file", "checkpoint", "device", "use_amp", "processing_time_ms", "precision",
                         "batch_size", "model", "stage2_version", "cpu_fallback"}
@@ -41,7 +40,7 @@ def test_predict_writes_every_tile_equal_to_the_model_alone(tmp_path, tiny_ckpt,
     model = stage2.load_model(tiny_ckpt)
     for i, ((h, w), meta) in enumerate(zip(sizes, metas, strict=False)):
         name = f"tile_{i:04d}"
-        v2 = read_output(out / f"{name}.npz")
+        v2 = read_opt_v2(out / f"{name}.npz")
         assert v2.dtype == np.float32 and v2.shape == (4, h, w)
         assert np.isfinite(v2).all() and v2.min() >= 0 and v2.max() <= 1
         js = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
@@ -83,7 +82,7 @@ def test_python_m_stage2_predict_as_a_user_types_it(tmp_path, tiny_ckpt):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "found 2  processed 2  skipped 0  failed 0" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["_stage2_summary.json", "a.json", "a.npz", "b.json", "b.npz"]
-    assert read_output(out / "a.npz").shape == (4, 48, 40)
+    assert read_opt_v2(out / "a.npz").shape == (4, 48, 40)
     (run_dir,) = [d for d in (tmp_path / "outputs" / "predict").glob("*/*") if d.is_dir()]
     assert "stage2 summary" in (run_dir / "stage2_predict.log").read_text()
     assert f"input_dir={inp}" in (run_dir / ".hydra" / "overrides.yaml").read_text()

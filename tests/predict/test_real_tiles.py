@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, run_cli
-from stage2.tiles import read_output
+from helpers import REPO, read_opt_v2, run_cli
 
 SIZE, OVERLAP = 256, 64
 FLOOR = 1e-3
@@ -119,7 +118,7 @@ MOSAIC_BORDERS = [256, 512]
 
 def test_no_seam_where_windows_meet_on_a_real_mosaic(real_run):
     root, arrays, out = real_run
-    v1, v2 = arrays["mosaic"], read_output(out / "mosaic.npz")
+    v1, v2 = arrays["mosaic"], read_opt_v2(out / "mosaic.npz")
     assert json.loads((out / "mosaic.json").read_text())["processing"]["windows"]["count"] == 16
     for family, lines in _lines(768).items():
         ratio = seam_ratio(v1, v2, lines, MOSAIC_BORDERS)
@@ -131,7 +130,7 @@ def test_the_seam_ratio_sees_a_small_seam(real_run):
     """The same output with a seam of 0.005 reflectance (a tenth of the mean refinement) put in
     where windows begin: the ratio flags it."""
     root, arrays, out = real_run
-    v1, v2 = arrays["mosaic"], read_output(out / "mosaic.npz")
+    v1, v2 = arrays["mosaic"], read_opt_v2(out / "mosaic.npz")
     seamed = v2.astype(np.float64)
     starts = _lines(768)["window starts"]
     for k, a in enumerate(starts):
@@ -149,7 +148,7 @@ def test_the_seam_ratio_sees_a_small_seam(real_run):
 def test_nan_swath_edge_is_no_data_out_and_the_rest_is_refined_as_without_it(real_run, name, full):
     root, arrays, out = real_run
     v1 = arrays[full]
-    v2, v2_full = read_output(out / f"{name}.npz"), read_output(out / f"{full}.npz")
+    v2, v2_full = read_opt_v2(out / f"{name}.npz"), read_opt_v2(out / f"{full}.npz")
     h, w = v1.shape[1:]
     edge = w // 3
     assert v2.shape == v1.shape and v2.dtype == np.float32

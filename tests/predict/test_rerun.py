@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import stage2
-from helpers import compose_predict, make_tile
+from helpers import compose_predict, make_tile, read_opt_v2
 from stage2.checkpoint import fingerprint
 from stage2.predict.app import run
-from stage2.tiles import read_output, read_tile
+from stage2.tiles import read_tile
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +53,21 @@ def test_a_retrained_checkpoint_never_mixes_into_the_folder(tmp_path, tiny_ckpt,
     for i in range(3):
         make_tile(inp / f"t{i}.npz", 32, 32, seed=i)
     assert _run(capsys, tiny_ckpt, inp, out)[0] == 0
-    first = {i: read_output(out / f"t{i}.npz") for i in range(3)}
+    first = {i: read_opt_v2(out / f"t{i}.npz") for i in range(3)}
     (out / "t1.json").unlink()       # a user deletes a few outputs, then reruns with the new checkpoint
 
     code, stdout, err = _run(capsys, other_ckpt, inp, out)
     assert code == 2 and len(err) == 1, err
     assert str(tiny_ckpt) in err[0] and str(other_ckpt) in err[0] and "skip_existing=false" in err[0]
     assert fingerprint(tiny_ckpt)["sha256"][:12] in err[0] and fingerprint(other_ckpt)["sha256"][:12] in err[0]
-    assert not (out / "t1.json").exists() and np.array_equal(read_output(out / "t0.npz"), first[0])
+    assert not (out / "t1.json").exists() and np.array_equal(read_opt_v2(out / "t0.npz"), first[0])
 
     code, _, err = _run(capsys, other_ckpt, inp, out, "skip_existing=false")
     assert code == 0, err
     sha = fingerprint(other_ckpt)["sha256"]
     for i in range(3):
         assert json.loads((out / f"t{i}.json").read_text())["processing"]["checkpoint_sha256"] == sha
-        assert np.abs(read_output(out / f"t{i}.npz") - _expected(other_ckpt, inp / f"t{i}.npz")).max() <= 1e-5
+        assert np.abs(read_opt_v2(out / f"t{i}.npz") - _expected(other_ckpt, inp / f"t{i}.npz")).max() <= 1e-5
     assert _summary(out)["checkpoint_sha256"] == sha
     assert "nothing to do: 3 tiles" in _run(capsys, other_ckpt, inp, out)[1]
 
@@ -86,7 +86,7 @@ def test_truncated_outputs_and_changed_inputs_are_redone(tmp_path, tiny_ckpt, ca
     s = _summary(out)
     assert (s["processed"], s["skipped"], s["redone_stale"]) == (3, 1, 2)
     for i in range(3):
-        assert np.abs(read_output(out / f"t{i}.npz") - _expected(tiny_ckpt, inp / f"t{i}.npz")).max() <= 1e-5
+        assert np.abs(read_opt_v2(out / f"t{i}.npz") - _expected(tiny_ckpt, inp / f"t{i}.npz")).max() <= 1e-5
     assert json.loads((out / "t2.json").read_text())["month"] == 11
 
 
@@ -140,7 +140,7 @@ def test_precision_is_recorded_as_lightning_ran_it(tmp_path, tiny_ckpt, capsys, 
     x = torch.from_numpy(tile.array)[None]
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref = model(x, torch.tensor([tile.month]), torch.tensor([tile.biome]))[0].float().numpy()
-    assert np.array_equal(read_output(out / "a.npz"), ref)
+    assert np.array_equal(read_opt_v2(out / "a.npz"), ref)
 
 
 def test_recursive_run_with_symlinked_folders_and_its_output_dir_inside_input_dir(tmp_path, tiny_ckpt, capsys):

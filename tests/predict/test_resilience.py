@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-import stage2
-from helpers import make_tile
+from helpers import make_tile, read_opt_v2, write_npz_output
 from stage2.checkpoint import fingerprint
 from stage2.predict.app import run
-from stage2.tiles import input_state, read_output
+from stage2.tiles import input_state
 
 
 class OOMDouble(nn.Module):
@@ -60,14 +59,14 @@ def test_oom_splits_the_batch_and_falls_back_to_cpu(tmp_path, tiny_model, cfg_pr
         v1 = np.load(inp / f"t{i}.npz")["opt_v1"]
         with torch.inference_mode():
             alone = tiny_model(torch.from_numpy(v1)[None], torch.tensor([m]), torch.tensor([0]))[0].numpy()
-        assert np.abs(read_output(out / f"t{i}.npz") - alone).max() <= 1e-5
+        assert np.abs(read_opt_v2(out / f"t{i}.npz") - alone).max() <= 1e-5
     s = json.loads((out / "_stage2_summary.json").read_text())
     assert (s["processed"], s["cpu_fallbacks"], s["failed"]) == (5, 1, 0)
 
 
 def _valid_outputs(out, names, size):
     for name in names:
-        v2 = read_output(out / f"{name}.npz")
+        v2 = read_opt_v2(out / f"{name}.npz")
         assert v2.shape == (4, size, size) and np.isfinite(v2).all()
         assert json.loads((out / f"{name}.json").read_text())["stage"] == "stage2_refined"
 
@@ -136,7 +135,7 @@ def test_nothing_to_do_path_imports_no_torch(tmp_path, tiny_ckpt):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_tile(inp / "a.npz", 32, 32)
     processing = {"checkpoint_sha256": fingerprint(tiny_ckpt)["sha256"], **input_state(inp / "a.npz")}
-    stage2.write_tile(out, "a", np.zeros((4, 32, 32), np.float32),
+    write_npz_output(out, "a", np.zeros((4, 32, 32), np.float32),
                       {"stage": "stage2_refined", "processing": processing})
     code = (f"import sys; sys.argv=['stage2.predict', 'checkpoint={tiny_ckpt}', 'input_dir={inp}', "
             f"'output_dir={out}'];\n"

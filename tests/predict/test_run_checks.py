@@ -14,9 +14,9 @@ import pytest
 
 from helpers import compose_predict, console_lines, make_tile, mounted, remount, run_cli
 from stage2.predict.app import run
-from stage2.predict.lock import RunLock
 from stage2.runtime import temporary_name
-from stage2.tiles import LOCK_FILE, remove_stale_temporaries
+from stage2.store import LOCK_FILE, LocalStore
+from stage2.store.lock import RunLock
 
 
 def _run(capsys, ckpt, inp, out, *overrides):
@@ -123,7 +123,7 @@ def test_only_a_dead_processs_temporaries_are_removed(tmp_path):
     user = [tmp_path / ".notes.tmp", tmp_path / ".notes.txt.77.tmp", tmp_path / ".x.npz.12ab.tmp"]
     for p in (live, dead, mine, older, *user):
         p.write_bytes(b"x")
-    assert remove_stale_temporaries(tmp_path) == 2
+    assert LocalStore(tmp_path).clean_temporaries() == 2
     assert not dead.exists() and not older.exists()
     assert live.exists() and mine.exists() and all(p.exists() for p in user)
 

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from helpers import compose_predict, console_lines, make_tile, mounted, remount
+from helpers import compose_predict, console_lines, make_tile, mounted, read_opt_v2, remount
 from stage2.predict.app import run
-from stage2.tiles import read_output
 
 
 def _run(capsys, ckpt, inp, out, *overrides):
@@ -32,7 +31,7 @@ def _trusted_outputs(out):
     """Every output with a JSON is complete; no temporaries; returns the names."""
     names = sorted(p.stem for p in out.glob("t*.json"))
     for n in names:
-        assert read_output(out / f"{n}.npz").shape[0] == 4
+        assert read_opt_v2(out / f"{n}.npz").shape[0] == 4
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     return names
 

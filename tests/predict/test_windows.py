@@ -26,14 +26,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import stage2
-from helpers import make_tile, run_cli
+from helpers import make_tile, read_opt_v2, run_cli
 from stage2.formats import load_tile
 from stage2.model import CONF_DIR
 from stage2.predict.app import run
 from stage2.predict.data import SizeBucketBatchSampler, TileDataModule
 from stage2.predict.windows import Assembly, WindowRef, WindowSettings, WindowSource, grid_for, positions
 from stage2.quality import tile_quality
-from stage2.tiles import TileFailure, read_output
+from stage2.tiles import TileFailure
 
 SIZE, OVERLAP, ABOVE = 256, 64, 512          # conf/predict.yaml's defaults
 FLOOR = 1e-3
@@ -201,7 +201,7 @@ def test_a_windowed_tile_is_the_weighted_blend_of_its_windows_run_alone(windowed
     root, inp, tiles, r = windowed_run
     out = root / "out"
     for name, (month, biome) in (("tall", (4, 3)), ("wide", (6, 0))):
-        v2 = read_output(out / f"{name}.npz")
+        v2 = read_opt_v2(out / f"{name}.npz")
         assert v2.dtype == np.float32 and v2.shape == tiles[name].shape
         assert np.isfinite(v2).all() and v2.min() >= 0 and v2.max() <= 1
         expected = blend(tiny_model, tiles[name], month, biome)
@@ -211,7 +211,7 @@ def test_a_windowed_tile_is_the_weighted_blend_of_its_windows_run_alone(windowed
         assert windows == {"count": len(ys) * len(xs), "grid": [len(ys), len(xs)], "size": [wh, ww],
                            "overlap": OVERLAP, "refined_pixels": len(ys) * len(xs) * wh * ww}
     # a tile just under window.above runs whole, as before: the model on the whole tile
-    under = read_output(out / "under.npz")
+    under = read_opt_v2(out / "under.npz")
     with torch.inference_mode():
         alone = tiny_model(torch.from_numpy(tiles["under"])[None], torch.tensor([6]), torch.tensor([0]))[0].numpy()
     assert np.abs(under - alone).max() <= 1e-5
@@ -247,7 +247,7 @@ def test_results_do_not_depend_on_batch_size_other_tiles_or_workers(windowed_run
                  "batch_size=1", "num_workers=2"], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("tall", "wide"):
-        a, b = read_output(root / "out" / f"{name}.npz"), read_output(root / "out_alone" / f"{name}.npz")
+        a, b = read_opt_v2(root / "out" / f"{name}.npz"), read_opt_v2(root / "out_alone" / f"{name}.npz")
         assert np.abs(a - b).max() <= 1e-5, name
 
 
@@ -278,7 +278,7 @@ def test_a_per_pixel_model_gives_the_same_result_windowed_and_whole(windowed_run
         with torch.inference_mode():
             whole = model(torch.from_numpy(tiles[name])[None], torch.tensor([month]), torch.tensor([biome]))[0].numpy()
         assert np.abs(whole - tiles[name]).mean() > 1e-3                 # the function does change the tile
-        assert np.abs(read_output(tmp_path / "out" / f"{name}.npz") - whole).max() <= 1e-5, name
+        assert np.abs(read_opt_v2(tmp_path / "out" / f"{name}.npz") - whole).max() <= 1e-5, name
 
 
 def test_a_kill_mid_tile_leaves_nothing_a_rerun_would_trust(tmp_path, tiny_ckpt):
@@ -309,6 +309,6 @@ def test_a_kill_mid_tile_leaves_nothing_a_rerun_would_trust(tmp_path, tiny_ckpt)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = _json(out / "_stage2_summary.json")
     assert (summary["processed"], summary["skipped"]) == (1, 1)     # the small tile was trusted, the big one redone
-    v2 = read_output(out / "big.npz")
+    v2 = read_opt_v2(out / "big.npz")
     assert v2.shape == (4, 1536, 1536) and np.isfinite(v2).all()
     assert _json(out / "big.json")["processing"]["windows"]["count"] == 32 * 32

@@ -17,13 +17,12 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from helpers import compose_app, make_tile, run_cli
+from helpers import compose_app, make_tile, read_opt_v2, run_cli
 from stage2.predict.app import run as predict
 from stage2.quality import severity, tile_quality
 from stage2.report.app import make_report
 from stage2.report.app import run as report
 from stage2.report.check import check_run
-from stage2.tiles import read_output
 
 NAMES = ["a_field", "b_field", "c_flat", "field&river's_01"]
 
@@ -161,13 +160,13 @@ def test_problems_are_named_and_exit_1(run, tmp_path, capsys):
 
 def test_each_output_check(run, tmp_path):
     inp, out = _copy(run, tmp_path)
-    v2 = read_output(out / "a_field.npz")
+    v2 = read_opt_v2(out / "a_field.npz")
     np.savez(out / "a_field.npz", opt_v2=v2[:, :16])                              # wrong height
-    np.savez(out / "b_field.npz", opt_v2=read_output(out / "b_field.npz").astype(np.float64))
+    np.savez(out / "b_field.npz", opt_v2=read_opt_v2(out / "b_field.npz").astype(np.float64))
     meta = json.loads((out / "c_flat.json").read_text())
     (out / "c_flat.json").write_text(json.dumps(meta).replace('"edge_preservation": null',
                                                               '"edge_preservation": NaN'))
-    nan = read_output(out / "field&river's_01.npz")
+    nan = read_opt_v2(out / "field&river's_01.npz")
     nan[0, 0, 0] = np.nan
     np.savez(out / "field&river's_01.npz", opt_v2=nan)
     chk = check_run(inp, out, out / "_report", recursive=False)
@@ -213,7 +212,7 @@ def test_quality_false_run_and_failures(tmp_path, cfg_predict, capsys):
 
     assert _report(inp, out) == 1
     assert "missing output: bad: the run failed this tile: 1 NaN and 0 Inf values" in capsys.readouterr().out
-    q = tile_quality(v1, read_output(out / "good.npz"))
+    q = tile_quality(v1, read_opt_v2(out / "good.npz"))
     page = (out / "_report" / "index.html").read_text(encoding="utf-8")
     (row,) = _table_rows(page)
     assert f"{q['ndvi_rmse']:.4f}*" in row and f"{q['edge_preservation']:.3f}*" in row
@@ -259,8 +258,8 @@ def test_index_opens_from_the_file_system_in_chromium(run, tmp_path):
 def test_large_masked_tile_is_drawn_from_block_means_and_its_no_data_is_valid(tmp_path):
     """A 2500 x 1800 px output with a NaN swath edge (nan_policy=mask): the report accepts NaN exactly
     where the run says it masked, and draws the tile from 3 x 3 px means (no 2500 px arrays in matplotlib)."""
+    from helpers import write_npz_output
     from stage2.report.figures import DISPLAY_MAX_SIDE, thumbnail
-    from stage2.tiles import write_tile
 
     inp, out = tmp_path / "in", tmp_path / "out"
     v1 = make_tile(inp / "scene.npz", 2500, 1800, seed=5)
@@ -269,7 +268,7 @@ def test_large_masked_tile_is_drawn_from_block_means_and_its_no_data_is_valid(tm
     v2 = np.clip(v1 * 1.01, 0, 1)
     meta = {"stage": "stage2_refined", "timestamp": "2026-01-01T00:00:00+00:00", "month": 6, "biome_code": 0,
             "processing": {"masked_pixels": 2500 * 600}, "quality": {"ndvi_rmse": 0.01, "edge_preservation": 0.99}}
-    write_tile(out, "scene", v2, meta)
+    write_npz_output(out, "scene", v2, meta)
     chk, index, lines = make_report(inp, out, out / "_report", max_tiles=5, recursive=False)
     assert chk.problems == [] and chk.outputs == 1, lines
     w, h = _png_size(out / "_report" / "tiles" / "scene.png")
@@ -282,7 +281,7 @@ def test_large_masked_tile_is_drawn_from_block_means_and_its_no_data_is_valid(tm
 
     # NaN where the run did not say it masked is still an invalid output
     meta["processing"]["masked_pixels"] = 2500 * 599
-    write_tile(out, "scene", v2, meta)
+    write_npz_output(out, "scene", v2, meta)
     chk = check_run(inp, out, out / "_report", recursive=False)
     assert [p.detail for p in chk.problems] == [
         "scene.npz: NaN on 1500000 pixels (in some bands only: 0), but processing.masked_pixels is 1497500"]

@@ -1,7 +1,7 @@
-"""Training the refiner (stage2.train: app, data, module, degrade, pretrained, evaluate): behaviour a user relies on.
+"""Training the refiner (stage2.train: app, data, module, degrade, pretrained): behaviour a user relies on.
 
-In this process through the composed conf/train.yaml (`cfg_train`), degrade.yaml and evaluate.yaml; each command
-once as a user types it (`python -m stage2.train | degrade | evaluate`)."""
+In this process through the composed conf/train.yaml (`cfg_train`) and degrade.yaml; each command
+once as a user types it (`python -m stage2.train | degrade`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import stage2
-from helpers import compose_app, make_tile, run_cli
-from stage2.tiles import read_output, read_tile
+from helpers import compose_app, make_tile, read_opt_v2, run_cli
+from stage2.tiles import read_tile
 from stage2.train.app import build_data
 from stage2.train.degrade import DegradeParams, degrade, degrade_dir
 
@@ -224,7 +224,7 @@ def test_training_writes_checkpoints_that_load_and_predict(tmp_path, cfg_train, 
     cfg = compose_app("predict", ["hardware=cpu", "precision=32"], tmp_path / "predict_run", checkpoint=best[0],
                       input_dir=inp, output_dir=out)
     assert predict(cfg) == 0
-    v2 = read_output(out / "x.npz")
+    v2 = read_opt_v2(out / "x.npz")
     with torch.inference_mode():
         expect = m_ckpt(torch.from_numpy(read_tile(inp / "x.npz").array)[None], torch.tensor([6]), torch.tensor([0]))
     assert np.abs(expect[0].numpy() - v2).max() <= 1e-5
@@ -300,41 +300,6 @@ def test_train_config_starts_from_pretrained_path(prithvi_file):
                        state["encoder.blocks.1.attn.proj.weight"])
 
 
-# ----------------------------------------------------------------------------- evaluation
-def test_evaluate_compares_outputs_and_inputs_against_the_truth(tmp_path, capsys):
-    """Includes the smoke test of `python -m stage2.evaluate` (one subprocess); the error runs in this process."""
-    from stage2.tiles import write_tile
-    from stage2.train.evaluate import evaluate_dirs, run
-
-    truth, s1, out = tmp_path / "truth", tmp_path / "s1", tmp_path / "out"
-    arrays = [make_tile(truth / f"t{i}.npz", 32, 40, seed=i) for i in range(2)]
-    degrade_dir(truth, s1, seed=0, params=P)
-    for i, a in enumerate(arrays):   # t0 perfect, t1 half-way between input and truth
-        v1 = np.load(s1 / f"t{i}.npz")["opt_v1"]
-        write_tile(out, f"t{i}", a if i == 0 else (a + v1) / 2, {})
-    ev = evaluate_dirs(truth, s1, out)
-    assert [t.name for t in ev.tiles] == ["t0", "t1"]
-    assert ev.tiles[0].after["rmse"] == 0.0 and ev.tiles[0].before["rmse"] > 0.01
-    assert ev.tiles[1].after["rmse"] == pytest.approx(ev.tiles[1].before["rmse"] / 2, rel=1e-4)
-    assert ev.improved("rmse") == 2 and "closer to the truth" in ev.verdict()
-
-    r = run_cli([f"truth_dir={truth}", f"input_dir={s1}", f"output_dir={out}"], module="stage2.evaluate")
-    assert r.returncode == 0 and "mean" in r.stdout and "RMSE improved on 2 of 2 tiles" in r.stdout
-    saved = json.loads((out / "_stage2_evaluation.json").read_text())
-    assert saved["tiles"][0]["after"]["psnr"] is None          # infinite PSNR is written as null
-    assert saved["mean"]["before"]["rmse"] == pytest.approx(np.mean([t.before["rmse"] for t in ev.tiles]))
-    pngs = sorted(p.name for p in (out / "_stage2_evaluation").glob("*.png"))
-    assert pngs == ["t0.png", "t1.png"] and (out / "_stage2_evaluation" / "t1.png").read_bytes()[:4] == b"\x89PNG"
-    (truth / "t1.npz").unlink()
-    assert run(compose_app("evaluate", [], truth_dir=truth, input_dir=s1, output_dir=out)) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"stage2.evaluate: error: truth {truth / 't1.npz'} does not exist: every output tile needs its truth with "
-        "the same name"]
-    assert run(compose_app("evaluate", [], input_dir=s1, output_dir=out)) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "stage2.evaluate: error: truth_dir is not set: pass truth_dir=... (the true optical tiles)"]
-
-
 # ----------------------------------------------------------------------------- resuming
 def test_resume_from_must_be_a_local_stage2_checkpoint(tmp_path, capsys):
     from stage2.train.app import run
@@ -379,23 +344,3 @@ def test_after_a_resume_the_exported_pt_is_the_best_over_both_runs(tmp_path, mon
                                                   strict=True))
     summary = json.loads((second / "train_summary.json").read_text())
     assert summary["lightning_checkpoint"] == str(best_first)
-
-
-def test_evaluate_reads_geotiff_inputs_and_cog_outputs(tmp_path):
-    from geotiffs import write_geotiff
-    from stage2.formats import write_output
-    from stage2.formats.cog import CogSettings
-    from stage2.train.evaluate import evaluate_dirs
-
-    truth, s1, out = tmp_path / "truth", tmp_path / "s1", tmp_path / "out"
-    a = make_tile(truth / "t0.npz", 32, 40, seed=0)
-    v1 = np.clip(a + 0.05, 0, 1)
-    write_geotiff(s1 / "t0.tif", v1)
-    out.mkdir()
-    settings = CogSettings(compress="zstd", level=1, blocksize=256, overviews="auto", resampling="average")
-    write_output(out, "t0", (a + v1) / 2, {}, output_format="cog", geo=None, cog_settings=settings)
-
-    ev = evaluate_dirs(truth, s1, out)
-
-    assert [t.name for t in ev.tiles] == ["t0"] and not (out / "t0.npz").exists()
-    assert ev.tiles[0].after["rmse"] == pytest.approx(ev.tiles[0].before["rmse"] / 2, rel=1e-4)

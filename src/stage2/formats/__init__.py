@@ -1,4 +1,4 @@
-"""Tile formats: NPZ (stage2.tiles) and GeoTIFF in, NPZ and Cloud Optimized GeoTIFF out (SPEC 2, 3, 10).
+"""Tile formats: NPZ (stage2.tiles) and GeoTIFF in, the Cloud Optimized GeoTIFF out (stage2.product writes it).
 
 A Tile is the same object whatever the format: this module picks the reader from the file's suffix,
 so discovery, bucketing and the DataLoader call one function for both. Light: rasterio is imported
@@ -7,17 +7,14 @@ only when a GeoTIFF is opened.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import tiles
-from ..storage import Folder, filesystem, is_url, relative_key
-from . import cog, geotiff
+from ..store import is_url, open_store, relative_key
+from . import cog, geotiff  # noqa: F401  (formats.cog is used as an attribute)
 
 NPZ_SUFFIX = ".npz"
 INPUT_SUFFIXES = (NPZ_SUFFIX, *geotiff.SUFFIXES)
@@ -41,10 +38,13 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
 
 
 def load_tile(path: Path, input_dir: Path, *, nan_policy: str, input_scale: float | None,
-              input_offset: float | None, clashes: Container[str] = ()) -> tiles.Tile | tiles.TileFailure:
+              input_offset: float | None, clashes: Container[str] = (),
+              require_georeference: bool = False) -> tiles.Tile | tiles.TileFailure:
     """read_tile that never raises: a bad tile becomes a TileFailure (the run goes on, exit 1).
 
     `clashes`: output names that more than one input would write (`a.npz` beside `a.tif`); both fail.
+    `require_georeference`: a tile that cannot be placed on a map fails before the model runs, so a
+    GIS or Stage 3 never receives an unplaced raster (whose predictions would inherit no location).
     """
     name = tiles.tile_name(path, input_dir)
     if tiles.is_reserved(name):
@@ -56,12 +56,19 @@ def load_tile(path: Path, input_dir: Path, *, nan_policy: str, input_scale: floa
                                  "(e.g. a.npz beside a.tif) and would write the same output",
                                  "keep one format of this tile in input_dir, or rename one of them")
     try:
-        return read_tile(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
+        tile = read_tile(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
     except tiles.TileError as e:
         return tiles.TileFailure(name, path, e.reason, e.hint)
     except Exception as e:  # anything unexpected still must not stop the run
         return tiles.TileFailure(name, path, f"unexpected error: {type(e).__name__}: {e}",
                                  "report this tile to the stage2 maintainers")
+    if require_georeference and tile.geo is None:
+        where = ("the GeoTIFF has no CRS or transform" if is_geotiff(path)
+                 else "its sidecar has no crs and transform")
+        return tiles.TileFailure(name, path, f"cannot be placed on a map: {where} (require_georeference=true)",
+                                 'add "crs" (e.g. "EPSG:32633") and "transform" (6 numbers, rasterio order) to '
+                                 "the tile's JSON sidecar, or run with require_georeference=false")
+    return tile
 
 
 def clashing_names(files: Iterable[Path], input_dir: Path) -> set[str]:
@@ -80,6 +87,8 @@ def peek_shape(path: str | os.PathLike, size: int | None = None) -> tuple[int, .
     if not is_url(path):
         return tiles.peek_shape(Path(path))
     try:
+        from ..store.remote import filesystem
+
         fs, remote = filesystem(str(path))
         extra = {"size": size} if size is not None and fs.protocol[0] in ("s3", "s3a") else {}
         with fs.open(remote, "rb", block_size=1 << 16, **extra) as f:
@@ -97,22 +106,22 @@ def file_name(path: str | os.PathLike, input_dir: str | os.PathLike) -> str:
 
 
 def load_remote_tile(url: str, input_dir: str, *, states: Mapping[str, Mapping[str, Any]], nan_policy: str,
-                     input_scale: float | None, input_offset: float | None,
-                     clashes: Container[str] = ()) -> tiles.Tile | tiles.TileFailure:
+                     input_scale: float | None, input_offset: float | None, clashes: Container[str] = (),
+                     require_georeference: bool = False) -> tiles.Tile | tiles.TileFailure:
     """load_tile for a tile in a bucket: the tile and its sidecar are downloaded into a temporary folder
     (the readers want file names), read there, and deleted again.
 
     `states`: each input key's `input_state` from the run's listing (size and LastModified of the tile
     and its sidecar): what the output records and a rerun compares, without another request.
     """
-    folder = Folder(input_dir)
+    folder = open_store(input_dir)
     key = folder.key(url)
     state = dict(states.get(key) or {})
     sidecar = key.rsplit(".", 1)[0] + ".json"
     keys = [key, sidecar] if state.get("sidecar_size") is not None else [key]
     with folder.local_copy(*keys) as local:
         got = load_tile(local / key, local, nan_policy=nan_policy, input_scale=input_scale,
-                        input_offset=input_offset, clashes=clashes)
+                        input_offset=input_offset, clashes=clashes, require_georeference=require_georeference)
     got.path = url          # type: ignore[assignment]   # the file as the user named it (failures list, JSON)
     if isinstance(got, tiles.Tile):
         got.source = state
@@ -120,9 +129,6 @@ def load_remote_tile(url: str, input_dir: str, *, states: Mapping[str, Mapping[s
 
 
 # ---------------------------------------------------------------------------- names in a listing
-OUTPUT_FORMATS = ("npz", "cog", "both")
-
-
 def input_keys(keys: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
     """The tile inputs among a listing's keys (sorted), and the output names more than one input would write.
 
@@ -134,50 +140,3 @@ def input_keys(keys: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
     for key in inputs:
         by_name.setdefault(key.rsplit(".", 1)[0], []).append(key)
     return inputs, {name: ks for name, ks in by_name.items() if len(ks) > 1}
-
-
-def output_keys(name: str, output_format: str) -> list[str]:
-    """The files of one tile's output in the order they are written: data first, the JSON last (SPEC 3)."""
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format={output_format!r}: use one of {list(OUTPUT_FORMATS)}")
-    data = {"npz": [f"{name}{NPZ_SUFFIX}"], "cog": [f"{name}.tif"],
-            "both": [f"{name}{NPZ_SUFFIX}", f"{name}.tif"]}[output_format]
-    return [*data, f"{name}.json"]
-
-
-def is_done(listing: Container[str], name: str, output_format: str) -> bool:
-    """Whether a listing holds every file of `name`'s output in this format (a JSON of another format's run is not)."""
-    return all(key in listing for key in output_keys(name, output_format))
-
-
-def write_output(output_dir: str | os.PathLike | Folder, name: str, opt_v2: np.ndarray, meta: dict[str, Any], *,
-                 output_format: str, geo: tiles.GeoRef | None, cog_settings: cog.CogSettings) -> bool:
-    """Write one tile's output files, each atomically, data first and `<name>.json` last (SPEC 3, 10);
-    return whether it is georeferenced (a COG without `geo` is not; an NPZ-only output counts as it is).
-
-    As tiles.write_tile: the JSON is encoded before anything is written, an older JSON is removed
-    before the data files are replaced, and the data files written are removed again when a later
-    file fails (a COG with a CRS GDAL does not know: TileError), so a failed tile leaves no output.
-    The output folder itself is never created (a vanished folder stops the run).
-    """
-    folder = output_dir if isinstance(output_dir, Folder) else Folder(output_dir)
-    text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
-    *data, js = output_keys(name, output_format)
-    folder.delete(js)
-    written, georeferenced = [], True
-    try:
-        for key in data:
-            if key.endswith(NPZ_SUFFIX):
-                folder.write(key, lambda f: np.savez(f, **{tiles.OUTPUT_KEY: arr}))
-            else:
-                georeferenced = cog.write_cog(folder, key, arr, geo, cog_settings)
-            written.append(key)
-        folder.write_bytes(js, text.encode("utf-8"))
-    except BaseException:
-        # An interrupt (SIGINT/SIGTERM raise in any Python line) may land after the JSON's rename
-        # but before the try ends: the JSON goes first, so no JSON is ever left without its data.
-        for key in (js, *written):
-            folder.delete(key)
-        raise
-    return georeferenced

@@ -1,12 +1,14 @@
 """opt_v2 as a Cloud Optimized GeoTIFF (SPEC 3, 10), and reading one back (report, evaluate).
 
 Written with GDAL's own COG driver (rasterio.shutil.copy from an in-memory dataset): float32, bands
-named B02, B03, B04, B08 (colour interpretation blue, green, red, undefined), nodata NaN, internally
+named B02, B03, B04, B08 (colour interpretation blue, green, red, undefined) with the band tags
+`common_name` and `center_wavelength_um` (so a GIS or a STAC tool knows each band without the JSON),
+the tile's metadata as dataset tags (`tags`: stage2.product.cog_tags), nodata NaN, internally
 tiled, deflate or zstd with the floating-point predictor (PREDICTOR=3), overviews as `cog.overviews`
 says. Why the driver and not rio-cogeo's cog_translate, which builds the same file through a VRT and
 a temporary GeoTIFF: per tile the driver took 11 ms (120 px) and 16 ms (256 px), cog_translate 30
 and 50 ms, for files of the same size; both pass rio-cogeo's validator (benchmarks/bench_formats.py).
-The file is encoded to a temporary and renamed, or uploaded whole (stage2.storage.Folder.write_path).
+The file is encoded to a temporary and renamed, or uploaded whole (stage2.store.Store.write_path).
 GDAL's own temporaries (overviews) go to the system temporary folder (CPL_TMPDIR), never beside outputs.
 """
 
@@ -15,17 +17,22 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..storage import Folder
+from ..store import Store
 from ..tiles import BANDS, N_BANDS, GeoRef, TileError
 
 SUFFIX = ".tif"
 COMPRESSIONS = ("deflate", "zstd")
+# Per band, beside its description (B02 ... B08): the STAC/eo common name and the Sentinel-2A centre
+# wavelength in micrometres, the names GDAL, QGIS and the STAC eo extension use for these bands.
+COMMON_NAMES = ("blue", "green", "red", "nir")
+CENTER_WAVELENGTHS_UM = (0.490, 0.560, 0.665, 0.842)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,22 +54,27 @@ class CogSettings:
             raise ValueError(f"cog.blocksize={self.blocksize}: use a positive multiple of 16 (e.g. 256 or 512)")
 
 
-def write_cog(folder: Folder, key: str, opt_v2: np.ndarray, geo: GeoRef | None, settings: CogSettings) -> bool:
+def write_cog(folder: Store, key: str, opt_v2: np.ndarray, geo: GeoRef | None, settings: CogSettings, *,
+              tags: Mapping[str, str] | None = None) -> bool:
     """Write `opt_v2` (4, H, W) to `key` in `folder` as a COG, atomically; return whether it is georeferenced.
 
     Without `geo` the file has no CRS or transform, and the caller counts it (`not_georeferenced`).
     A CRS that GDAL does not know is a TileError (the tile fails; formats.write_output removes its NPZ).
+    `tags` become GDAL dataset tags (values as text). Any 4-band layer of the tile (opt_v2, or its
+    per-pixel std) is written so: the band names and tags describe the bands, whatever the values are.
     """
     arr = np.ascontiguousarray(opt_v2, dtype=np.float32)
-    if arr.ndim != 3 or arr.shape[0] != N_BANDS:
-        raise ValueError(f"opt_v2 must be (4, H, W), got {arr.shape}")
+    if arr.ndim != 3 or arr.shape[0] != N_BANDS:       # the band descriptions and tags name 4 bands
+        raise ValueError(f"a COG layer must be (4, H, W), got {arr.shape}")
     crs, transform = _georeferencing(geo)
-    folder.write_path(key, lambda tmp: encode(tmp, arr, crs, transform, settings))
+    text_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    folder.write_path(key, lambda tmp: encode(tmp, arr, crs, transform, settings, text_tags))
     return geo is not None
 
 
-def encode(dest: Path, arr: np.ndarray, crs: Any, transform: Any, settings: CogSettings) -> None:
-    """Encode a float32 (4, H, W) array to a COG file at `dest` (a local path).
+def encode(dest: Path, arr: np.ndarray, crs: Any, transform: Any, settings: CogSettings,
+           tags: Mapping[str, str] | None = None) -> None:
+    """Encode a float32 (4, H, W) array to a COG file at `dest` (a local path), with `tags` as dataset tags.
 
     GDAL reads the pixels from an in-memory copy (MEM driver): a tile's output is held twice while
     it is encoded (a 4096 px scene: 2 x 256 MiB).
@@ -88,8 +100,12 @@ def encode(dest: Path, arr: np.ndarray, crs: Any, transform: Any, settings: CogS
         with mem_file.open(driver="MEM", width=w, height=h, count=N_BANDS, dtype="float32", crs=crs,
                            transform=transform, nodata=float("nan")) as mem:
             mem.write(arr)
-            for i, band in enumerate(BANDS, start=1):
+            for i, (band, common, wavelength) in enumerate(zip(BANDS, COMMON_NAMES, CENTER_WAVELENGTHS_UM,
+                                                               strict=True), start=1):
                 mem.set_band_description(i, band)
+                mem.update_tags(i, common_name=common, center_wavelength_um=f"{wavelength:.3f}")
+            if tags:
+                mem.update_tags(**tags)
             # Viewers (QGIS, GDAL) pick a true-colour default from these instead of bands 1-2-3 as R-G-B.
             mem.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined]
             rasterio.shutil.copy(mem, str(dest), driver="COG", **options)

@@ -6,19 +6,24 @@ nodata value or its mask) come back as NaN: read_tile fails them, or keeps them 
 Reads go by row blocks into one float32 array, so memory holds the result and one block,
 never the raster twice; GeoTiff.read(window) reads one window (the windows of a scene).
 
+The acquisition date travels with the tile (`acquired` in its metadata, ISO 8601): the sidecar's
+`acquired` when it has one, else the date the file's own tags carry (ACQUISITION_DATE_TAGS).
+
 rasterio is imported inside the functions: `import stage2` and the NPZ path stay light.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
 
-from ..storage import filesystem, is_url
+from ..store import is_url
 from ..tiles import (
     BANDS,
     DN_HINT,
@@ -36,6 +41,17 @@ from ..tiles import (
 SUFFIXES = (".tif", ".tiff")
 # Values per block of a whole-raster read: 4 bands x 1 M px = 16 MiB of float32 per block.
 BLOCK_VALUES = 1 << 22
+# Tags that carry a raster's acquisition time, most specific first (compared in any letter case, in the
+# default and the IMAGERY metadata domains): stage2's own COG tag, GDAL's IMAGERY domain, the Sentinel-2
+# SAFE and L1C/L2A metadata GDAL exposes, Landsat's MTL, a plain date. TIFFTAG_DATETIME comes last:
+# the TIFF standard defines it as the file's creation time, which many writers set to the acquisition
+# (Sentinel-2 exports, Stage 1 tools) but some to the moment they wrote the file.
+ACQUISITION_DATE_TAGS = ("acquired", "ACQUISITIONDATETIME", "DATATAKE_1_DATATAKE_SENSING_START",
+                         "PRODUCT_START_TIME", "SENSING_TIME", "DATATAKE_SENSING_START", "DATE_ACQUIRED",
+                         "ACQUISITION_DATE", "ACQUISITION_TIME", "DATETIME", "TIFFTAG_DATETIME")
+_TAG_DATE = re.compile(r"^(?P<y>\d{4})[-:/]?(?P<m>\d{2})[-:/]?(?P<d>\d{2})"
+                       r"(?:[T ](?P<H>\d{2}):?(?P<M>\d{2})(?::?(?P<S>\d{2})(?P<frac>[.,]\d+)?)?)?"
+                       r"\s*(?P<tz>Z|[+-]\d{2}:?\d{2})?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class Header:
     has_mask: bool                       # a nodata value, a mask band or alpha marks some pixels invalid
     geo: GeoRef | None
     descriptions: tuple[str | None, ...]
+    acquired: str | None = None          # ISO 8601, from the file's date tags (ACQUISITION_DATE_TAGS)
 
 
 Window = tuple[int, int, int, int]       # row, column, height, width (pixels)
@@ -155,7 +172,8 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
 
     No-data pixels (the file's nodata value or mask) are NaN: under nan_policy=fail they fail the
     tile (reason: how many, and the nodata value); under mask they are filled for the model and NaN
-    in opt_v2, as for an NPZ (tiles.apply_nan_policy). The georeferencing comes from the file.
+    in opt_v2, as for an NPZ (tiles.apply_nan_policy). The georeferencing comes from the file, and so
+    does `acquired` (ISO 8601) when the sidecar has none and the file's tags carry a date.
     """
     path, name, source = open_input(path, input_dir, nan_policy)
     with GeoTiff(path, input_scale=input_scale, input_offset=input_offset) as tif:
@@ -165,6 +183,8 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
         _fail_on_nodata(raw, header)
     arr, clipped = validate_array(raw, allow_nan=nan_policy == "mask")
     meta, month, biome, defaults = read_sidecar(path)
+    if meta.get("acquired") in (None, "") and header.acquired:
+        meta["acquired"] = header.acquired
     tile = Tile(name=name, path=path, array=arr, meta=meta, month=month, biome=biome,
                 defaults=defaults, clipped=clipped, geo=header.geo, source=source)
     return apply_nan_policy(tile, nan_policy)
@@ -187,7 +207,7 @@ def open_dataset(source: str | os.PathLike) -> Any:
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     source = str(source)
-    opener = filesystem(source)[0] if is_url(source) else None
+    opener = _filesystem(source) if is_url(source) else None
     try:
         with warnings.catch_warnings():     # no CRS is a state the caller reports (not_georeferenced)
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -205,7 +225,43 @@ def _header(ds: Any) -> Header:
     flags = ds.mask_flag_enums
     has_mask = any(f != [MaskFlags.all_valid] for f in flags)
     return Header(shape=(ds.count, ds.height, ds.width), dtype=str(ds.dtypes[0]), nodata=ds.nodata,
-                  has_mask=has_mask, geo=georef_of(ds), descriptions=tuple(ds.descriptions))
+                  has_mask=has_mask, geo=georef_of(ds), descriptions=tuple(ds.descriptions),
+                  acquired=acquisition_date(ds))
+
+
+def acquisition_date(ds: Any) -> str | None:
+    """The acquisition time the dataset's tags carry (ACQUISITION_DATE_TAGS, first that parses), as ISO 8601."""
+    tags: dict[str, str] = {}
+    for ns in ("IMAGERY", None):        # the default domain wins where both name a key
+        try:
+            tags.update({k.upper(): v for k, v in ds.tags(ns=ns).items()})
+        except Exception:               # a driver without that domain
+            continue
+    for key in ACQUISITION_DATE_TAGS:
+        value = iso_date(tags.get(key.upper()))
+        if value:
+            return value
+    return None
+
+
+def iso_date(text: str | None) -> str | None:
+    """A tag's date or date-time as ISO 8601 ("2020-06-15", "2020-06-15T10:30:21.024Z"); None when it is
+    not one. Accepts TIFF's "YYYY:MM:DD HH:MM:SS", ISO forms and "YYYYMMDD"; no time zone stays none."""
+    m = _TAG_DATE.match((text or "").strip())
+    if m is None:
+        return None
+    try:
+        day = date(int(m["y"]), int(m["m"]), int(m["d"]))
+        if m["H"] is None:
+            return day.isoformat()
+        when = datetime(day.year, day.month, day.day, int(m["H"]), int(m["M"]), int(m["S"] or 0))
+    except ValueError:                  # "0000:00:00 00:00:00", a 13th month: not a date
+        return None
+    frac = (m["frac"] or "").replace(",", ".")
+    tz = m["tz"] or ""
+    if tz and tz.upper() != "Z" and ":" not in tz:
+        tz = f"{tz[:3]}:{tz[3:]}"
+    return f"{when.isoformat()}{frac}{'Z' if tz.upper() == 'Z' else tz}"
 
 
 def georef_of(ds: Any) -> GeoRef | None:
@@ -221,3 +277,9 @@ def georef_of(ds: Any) -> GeoRef | None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _filesystem(url: str) -> object:
+    from ..store.remote import filesystem
+
+    return filesystem(url)[0]

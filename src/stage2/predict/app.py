@@ -1,24 +1,24 @@
 """The predict app: `python -m stage2.predict checkpoint=... input_dir=... output_dir=...` (SPEC 4).
 
 A run is named steps, in the order users need them:
-- plan: check settings and paths, find tiles (nothing is written; no torch, no terratorch);
-- lock the output folder (one run per folder, stage2.predict.lock), then trust: fingerprint the
-  checkpoint and decide which outputs a rerun may keep (stage2.predict.resume);
+- plan: check settings and paths (nothing is written; no torch, no terratorch);
+- lock the output folder (one run per folder, stage2.store.lock), then trust: find the tiles,
+  fingerprint the checkpoint and decide which outputs a rerun may keep (stage2.predict.resume);
 - build: load and verify the checkpoint before any tile is read, then instantiate the data
   module, writer and module from the config;
 - execute: Lightning's `trainer.predict`, with the DDP state scoped to this run;
 - summarise: one screen and `_stage2_summary.json`, and the exit code. A run that stops
   part-way (exit 3) or is interrupted (130) still writes its summary, and says so in one line.
 A finished AOI returns after `trust` ("nothing to do"), without heavy imports.
-With a URL as input_dir or output_dir, plan, lock, trust and the run's own files go through
-stage2.predict.bucket (listings, an index, a lock object); the local path is the same as before.
+input_dir and output_dir may be local folders or fsspec URLs: the run reaches both through their
+stores (stage2.store), so locking, rerun trust and the run's own files are the same code for both.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,7 +26,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .. import CONF_DIR, __version__
-from ..formats import INPUT_SUFFIXES, clashing_names
 from ..runtime import (
     EXIT_STOPPED,
     RunError,
@@ -38,14 +37,10 @@ from ..runtime import (
     guarded,
     interrupted_by_signal,
     register_resolvers,
-    require_dir,
 )
-from ..storage import is_url
-from ..tiles import discover, remove_stale_temporaries, tile_name
-from . import bucket
-from .bucket import BucketLock, check_locations, is_bucket_run, location
-from .lock import RunLock
-from .preflight import check_output_dir, check_settings
+from ..store import is_url, location, open_store
+from .plan import Plan
+from .preflight import check_locations, check_settings
 
 if TYPE_CHECKING:
     from .summary import RunSummary
@@ -56,34 +51,6 @@ register_resolvers()
 # Lightning's notes about our own sampler and transfer hook are expected.
 EXPECTED_WARNINGS = (".*custom batch sampler.*", ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
                      ".*does not have many workers.*")
-
-
-@dataclass
-class Plan:
-    """What the run will do, decided before any tile is read."""
-
-    input_dir: Path | str            # a local folder, or an fsspec URL (stage2.predict.bucket)
-    output_dir: Path | str
-    checkpoint: Path
-    files: list[Any]                 # Paths, or URLs of a bucket's tiles
-    ignored: list[Path]
-    todo: list[Path] = field(default_factory=list)
-    done: int = 0
-    stale: int = 0                   # redone because their input changed (summary: redone_stale)
-    untrusted: list[str] = field(default_factory=list)   # existing outputs that are redone
-    fingerprint: dict[str, Any] = field(default_factory=dict)   # the checkpoint's (checkpoint.fingerprint)
-    clashes: set[str] = field(default_factory=set)   # output names of more than one input (a.npz + a.tif): all fail
-    # Bucket runs only (stage2.predict.bucket): each input's state from the listing, the output listing,
-    # the index of finished tiles, and whether that index must be written again.
-    states: dict[str, dict[str, Any]] = field(default_factory=dict)
-    listing: dict[str, Any] = field(default_factory=dict)
-    index: dict[str, dict[str, Any]] = field(default_factory=dict)
-    index_changed: bool = False
-
-    @property
-    def bucket(self) -> bool:
-        """Whether input_dir or output_dir is a URL: the run lists, reads and writes through stage2.storage."""
-        return is_bucket_run(self.input_dir, self.output_dir)
 
 
 @dataclass
@@ -109,49 +76,23 @@ def _required_paths(cfg: DictConfig) -> tuple[Path | str, Path | str, Path]:
 
 
 def plan(cfg: DictConfig) -> Plan:
-    """Check settings and paths and find the tiles; nothing is written (every problem: RunError, exit 2)."""
+    """Check settings and paths; nothing is read or written (every problem: RunError, exit 2).
+    The tiles are found under the lock (resume.trust), from the same listing that decides what is done."""
     input_dir, output_dir, ckpt = _required_paths(cfg)
     check_settings(cfg)
     if not ckpt.is_file():
         what = "does not exist" if not ckpt.exists() else "is not a file"
         raise RunError(f"checkpoint {ckpt} {what}: pass checkpoint=PATH to a Stage 2 .pt or .ckpt file")
-    if is_bucket_run(input_dir, output_dir):        # tiles are listed under the lock (bucket.trust)
-        check_locations(input_dir, output_dir)
-        return Plan(input_dir, output_dir, ckpt, [], [])
-    require_dir(input_dir, "input_dir", "point input_dir at the folder of Stage 1 tiles")
-    check_output_dir(input_dir, output_dir)
-    files, ignored = discover(input_dir, bool(cfg.recursive), exclude=output_dir, suffixes=INPUT_SUFFIXES)
-    for p in ignored:
-        log.warning("ignored %s: named like a tile but not a file", p)
-    if not files:
-        raise RunError(f"No tiles (*.npz, *.tif, *.tiff) found in {input_dir}")
-    return Plan(input_dir, output_dir, ckpt, files, ignored, clashes=clashing_names(files, input_dir))
-
-
-def trust(cfg: DictConfig, p: Plan) -> None:
-    """Under the lock: fingerprint the checkpoint and decide which outputs are done (stage2.predict.resume)."""
-    from ..checkpoint import fingerprint
-    from .resume import decide, foreign_error
-    from .summary import previous_fingerprint
-
-    if p.bucket:
-        return bucket.trust(cfg, p)
-    p.fingerprint = fingerprint(p.checkpoint, previous_fingerprint(p.output_dir))
-    clashed = [f for f in p.files if tile_name(f, p.input_dir) in p.clashes]    # never done: they fail each run
-    unique = [f for f in p.files if tile_name(f, p.input_dir) not in p.clashes]
-    r = decide(unique, p.input_dir, p.output_dir, p.fingerprint["sha256"], bool(cfg.skip_existing),
-               str(cfg.output_format))
-    if r.foreign and cfg.skip_existing:
-        raise foreign_error(r, p.output_dir, p.checkpoint, p.fingerprint["sha256"])
-    p.todo, p.done, p.stale, p.untrusted = sorted(r.todo + clashed), r.done, r.stale, r.untrusted
+    check_locations(input_dir, output_dir)
+    return Plan(input_dir, output_dir, ckpt, inputs=open_store(input_dir), outputs=open_store(output_dir))
 
 
 def nothing_to_do(p: Plan, outcome: dict[str, Any]) -> int:
     """The fast path of a finished AOI: no model, no checkpoint load."""
-    if p.bucket:
-        bucket.nothing_to_do_cleanup(p)
-    else:
-        remove_stale_temporaries(p.output_dir)
+    from .resume import finish
+
+    p.outputs.clean_temporaries()
+    finish(p, [], None)
     msg = f"nothing to do: {p.done} tiles already done in {p.output_dir}"
     print(msg)
     log.info(msg)
@@ -191,7 +132,7 @@ def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
         "model": model.config["name"],
         "stage2_version": __version__,
     }
-    writer = instantiate(cfg.writer)(output_dir=p.output_dir, processing=processing)
+    writer = instantiate(cfg.writer)(store=p.outputs, processing=processing)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.update(accelerator=accelerator, precision=precision)
     callbacks = [writer]
@@ -248,11 +189,12 @@ def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any]
 def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
               t0: float, outcome: dict[str, Any]) -> int:
     """Print and save the run summary (rank 0); return the exit code."""
+    from .resume import finish
+
     summary = make_summary(cfg, p, parts, result, t0)
     try:
-        if p.bucket:
-            bucket.finish(p, [r.name for r in result[0]], result[1])
-        summary.save(p.output_dir)
+        finish(p, [r.name for r in result[0]], result[1])
+        summary.save(p.outputs)
     except RunError as e:       # the bucket went away after the tiles were written: not a "nothing written" 2
         log.info("\n%s", summary.format())
         raise RunStopped(f"{e}: {summary.progress_line()} (summary not written; the log has it)") from None
@@ -270,6 +212,8 @@ def cut_short(cfg: DictConfig, p: Plan, parts: Parts, t0: float, outcome: dict[s
     Rank 0 writes the summary from its own counts (gathering from other ranks could wait forever
     on a rank that is gone). The console gets one line; the traceback goes to the log (guarded).
     """
+    from .resume import finish
+
     interrupted = isinstance(error, KeyboardInterrupt) or interrupted_by_signal()
     if isinstance(error, SystemExit) and not interrupted:
         raise error
@@ -282,9 +226,8 @@ def cut_short(cfg: DictConfig, p: Plan, parts: Parts, t0: float, outcome: dict[s
     outcome["summary"] = summary.to_json()
     log.info("\n%s", summary.format())
     try:
-        if p.bucket:
-            bucket.finish(p, [r.name for r in local[0]], local[1])
-        saved = f"summary in {summary.save(p.output_dir)}"
+        finish(p, [r.name for r in local[0]], local[1])
+        saved = f"summary in {summary.save(p.outputs)}"
     except OSError as e:
         saved = f"summary not written ({e.strerror}); the log has it"
     except RunError as e:
@@ -325,7 +268,9 @@ def _steps(cfg: DictConfig, outcome: dict[str, Any]) -> int:
     t0 = time.perf_counter()
     p = plan(cfg)
     outcome["output_dir"] = str(p.output_dir)
-    with (BucketLock(p.output_dir) if is_url(p.output_dir) else RunLock(p.output_dir)):
+    from .resume import trust
+
+    with p.outputs.lock():
         trust(cfg, p)
         if not p.todo:
             return nothing_to_do(p, outcome)
@@ -342,7 +287,7 @@ def _predict(cfg: DictConfig, p: Plan, t0: float, outcome: dict[str, Any]) -> in
     parts = build(cfg, p, model)
     if parts.trainer.is_global_zero:
         # the first change to outputs: every run-level check has passed
-        (bucket.discard if p.bucket else discard)(p.output_dir, p.untrusted)
+        discard(p)
     try:
         result = execute(parts, t0)
     except BaseException as e:

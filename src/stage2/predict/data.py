@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..formats import file_name, load_remote_tile, load_tile, peek_shape
 from ..model import pad_to_multiple, padded_size
-from ..storage import is_url, relative_key
+from ..store import is_url, relative_key
 from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
 from .windows import Grid, Window, WindowRef, WindowSettings, WindowSource, grid_for
 
@@ -240,11 +240,12 @@ class TileDataModule(L.LightningDataModule):
     def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
                  pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any],
                  input_scale: float | None, input_offset: float | None, clashes: Collection[str],
-                 states: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 require_georeference: bool, states: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
         self.input_scale = input_scale
         self.input_offset = input_offset
         self.clashes = frozenset(clashes)      # output names of more than one input: those inputs fail
+        self.require_georeference = require_georeference
         self.files = list(files)
         # A bucket's tiles are URLs, read through a local copy each (formats.load_remote_tile), with their
         # input_state from the run's listing (`states`, by key in input_dir).
@@ -305,7 +306,8 @@ class TileDataModule(L.LightningDataModule):
         sampler = self.sampler(rank, world)
         reader = partial(load_remote_tile, states=self.states) if self.remote else load_tile
         load = partial(reader, input_dir=self.input_dir, nan_policy=self.nan_policy, input_scale=self.input_scale,
-                       input_offset=self.input_offset, clashes=self.clashes)
+                       input_offset=self.input_offset, clashes=self.clashes,
+                       require_georeference=self.require_georeference)
         self._source = WindowSource(self.files, grids, load, partial(file_name, input_dir=self.input_dir))
         workers = min(self.num_workers, max(len(sampler), 0))
         return DataLoader(

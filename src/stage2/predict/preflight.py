@@ -10,9 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..formats import OUTPUT_FORMATS
 from ..formats.cog import CogSettings
-from ..runtime import RunError, check_precision
+from ..product import OUTPUT_FORMATS
+from ..runtime import RunError, check_precision, require_dir
+from ..store import is_url, safe_url
 from ..tiles import NAN_POLICIES
 from .windows import WindowSettings
 
@@ -89,3 +90,18 @@ def _nearest_existing(path: Path) -> Path:
         path = path.parent
     return path
 
+
+
+def check_locations(input_dir: Path | str, output_dir: Path | str) -> None:
+    """A local input_dir is a folder, a local output_dir can be written and is not input_dir by any
+    path, a bucket prefix is not both."""
+    if not is_url(input_dir):
+        require_dir(Path(input_dir), "input_dir", "point input_dir at the folder of Stage 1 tiles")
+    if is_url(output_dir):
+        if safe_url(str(input_dir)).rstrip("/") == safe_url(str(output_dir)).rstrip("/"):
+            raise RunError(f"output_dir {safe_url(str(output_dir))} is the input_dir: write Stage 2 outputs to "
+                           "another prefix")
+    elif is_url(input_dir):
+        check_writable_folder(Path(output_dir))
+    else:
+        check_output_dir(Path(input_dir), Path(output_dir))

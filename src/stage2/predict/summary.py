@@ -5,14 +5,11 @@ Pure Python (no torch), so the "nothing to do" path can use it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..runtime import EXIT_INTERRUPTED, EXIT_STOPPED, atomic_write_text
-from ..storage import Folder, is_url
-from ..tiles import FAILURES_FILE, SUMMARY_FILE
+from ..runtime import EXIT_INTERRUPTED, EXIT_STOPPED
+from ..store import FAILURES_FILE, SUMMARY_FILE, Store
 
 FIRST_FAILURES = 5
 
@@ -67,12 +64,9 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, output_dir: str | Path) -> Path | str:
-        """Atomically write `_stage2_summary.json` (in a bucket: one whole object)."""
-        text = json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        if is_url(output_dir):
-            return Folder(output_dir).write_bytes(SUMMARY_FILE, text.encode("utf-8"))
-        return atomic_write_text(Path(output_dir) / SUMMARY_FILE, text)
+    def save(self, store: Store) -> str:
+        """Write `_stage2_summary.json` whole; return where."""
+        return store.write_json(SUMMARY_FILE, self.to_json())
 
     def exit_code(self) -> int:
         if self.interrupted:
@@ -111,15 +105,6 @@ class RunSummary:
                 lines.append(f"    {f['file']}: {f['reason']}")
         lines.append(f"  output       {self.output_dir}")
         return "\n".join(lines)
-
-
-def previous_fingerprint(output_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint fingerprint the last summary in output_dir recorded (a cache; None if unreadable)."""
-    try:
-        value = json.loads((Path(output_dir) / SUMMARY_FILE).read_text(encoding="utf-8")).get("checkpoint_fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _f(x: float | None) -> str:

@@ -17,16 +17,13 @@ A run killed before that leaves nothing of the tile on disk.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,12 +31,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..formats import OUTPUT_FORMATS, write_output
 from ..formats.cog import CogSettings
+from ..product import OUTPUT_FORMATS, OUTPUT_KEY, output_metadata, write_output
 from ..runtime import RunError, folder_problem, uses_amp
-from ..storage import Folder, is_url
-from ..tiles import FAILURES_FILE, Tile, TileError, output_metadata, remove_stale_temporaries
-from .bucket import write_failures
+from ..store import Store
+from ..tiles import Tile, TileError
 from .module import Prediction
 from .summary import FIRST_FAILURES, TileRecord
 from .windows import Assembler, whole_tile
@@ -63,16 +59,14 @@ class Output:
 class TileWriter(BasePredictionWriter):
     """Writes opt_v2 (NPZ, COG or both) + JSON per tile and `_stage2_failures.jsonl`; gathers the run's counts."""
 
-    def __init__(self, *, output_dir: str | Path, processing: dict[str, Any], quality: bool, threads: int,
+    def __init__(self, *, store: Store, processing: dict[str, Any], quality: bool, threads: int,
                  output_format: str, cog: Mapping[str, Any]) -> None:
         super().__init__(write_interval="batch")
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format={output_format!r}: use one of {list(OUTPUT_FORMATS)}")
         self.output_format = output_format
         self.cog = CogSettings(**cog)
-        self.remote = is_url(output_dir)         # a bucket: whole-object uploads (stage2.storage)
-        self.output_dir = str(output_dir).rstrip("/") if self.remote else Path(output_dir)
-        self.folder = Folder(self.output_dir)
+        self.store = store
         self._world = 1
         self.processing = processing        # run-wide `processing` fields of the output JSON
         self.quality = quality
@@ -95,11 +89,9 @@ class TileWriter(BasePredictionWriter):
         # (fewer batches than devices) skips the predict loop and its hooks, so a barrier there
         # would wait forever. Rank 0 cleans up before any rank can write.
         self._world = trainer.world_size
-        if trainer.is_global_zero and self.remote:
-            self.folder.delete(FAILURES_FILE)           # this run lists its own failures
-        elif trainer.is_global_zero:
-            remove_stale_temporaries(self.output_dir)
-            (self.output_dir / FAILURES_FILE).unlink(missing_ok=True)  # this run lists its own failures
+        if trainer.is_global_zero:
+            self.store.clean_temporaries()
+            self.store.reset_failures()
         trainer.strategy.barrier("stage2-writer-setup")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -147,31 +139,12 @@ class TileWriter(BasePredictionWriter):
         self._futures = []
 
     # ------------------------------------------------------------------ work
-    def _record_failure(self, path: Path, reason: str, hint: str) -> None:
+    def _record_failure(self, path: Any, reason: str, hint: str) -> None:
         entry = {"file": str(path), "reason": reason, "hint": hint}
-        if self.remote:
-            self._record_remote_failure(entry)
-        else:
-            self._append_failure(entry)
+        with self._lock:
+            self.failures.append(entry)
+            self.store.add_failure(entry, self.failures, self._world)
         log.warning("failed: %s: %s (%s)", path, reason, hint)
-
-    def _append_failure(self, entry: dict[str, str]) -> None:
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
-            fd = os.open(self.output_dir / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, line)      # one write per line with O_APPEND: ranks never interleave
-            finally:
-                os.close(fd)
-            self.failures.append(entry)
-
-    def _record_remote_failure(self, entry: dict[str, str]) -> None:
-        """An object cannot be appended to: the list is uploaded whole after each failure (one process;
-        with several, rank 0 uploads everyone's at the end: stage2.predict.bucket.finish)."""
-        with self._lock:
-            self.failures.append(entry)
-            if self._world == 1:
-                write_failures(self.folder, self.failures)
 
     def _finished(self, pred: Prediction) -> list[Output]:
         """The batch's whole tiles, and the windowed tiles whose last window this batch brought."""
@@ -204,7 +177,7 @@ class TileWriter(BasePredictionWriter):
                 }
                 meta = output_metadata(_with_georef(tile), processing=processing, defaults=tile.defaults,
                                        quality=q, timestamp=stamp)
-                georeferenced = write_output(self.folder, tile.name, o.opt_v2, meta, geo=tile.geo,
+                georeferenced = write_output(self.store, tile.name, {OUTPUT_KEY: o.opt_v2}, meta, geo=tile.geo,
                                              output_format=self.output_format, cog_settings=self.cog)
             except TileError as e:       # the COG cannot carry this tile's georeferencing
                 self._record_failure(tile.path, e.reason, e.hint)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from .. import CONF_DIR, formats
 from ..formats import INPUT_SUFFIXES
 from ..runtime import RunError, atomic_write_text, exit_with, guarded, register_resolvers, require_dir
-from ..storage import Folder, is_url, mirrored
+from ..store import is_url, mirrored, open_store
 from ..tiles import TileError, discover
 from .check import OutputInvalid, RunCheck, check_run, read_opt_v2, worst_first
 
@@ -159,7 +159,7 @@ def run(cfg: DictConfig) -> int:
             shown = (str(cfg.input_dir), str(cfg.output_dir)) if remote else None
             chk, index, lines = make_report(inp, out, report_dir, max_tiles, bool(cfg.recursive), shown)
             if is_url(cfg.report_dir):
-                target = Folder(cfg.report_dir)
+                target = open_store(cfg.report_dir)
                 target.upload(report_dir, [p.relative_to(report_dir).as_posix()
                                            for p in sorted(report_dir.rglob("*")) if p.is_file()])
                 index = target.uri(INDEX_FILE)

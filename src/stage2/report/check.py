@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,11 @@ import numpy as np
 
 from .. import formats
 from ..formats import INPUT_SUFFIXES, cog
+from ..product import OUTPUT_KEY, STAGE
 from ..quality import below_target, severity, tile_quality
-from ..tiles import (
-    FAILURES_FILE,
-    N_BANDS,
-    OUTPUT_KEY,
-    SUMMARY_FILE,
-    TileError,
-    discover,
-    is_reserved,
-    tile_name,
-)
+from ..store import FAILURES_FILE, SUMMARY_FILE
+from ..tiles import N_BANDS, TileError, discover, is_reserved, tile_name
 
-STAGE = "stage2_refined"
 REQUIRED_KEYS = ("stage", "timestamp", "processing")
 
 
@@ -215,22 +206,14 @@ def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | Non
 
 def read_opt_v2(output_dir: Path, name: str) -> tuple[Path, np.ndarray]:
     """The output's data file and its opt_v2: the NPZ, or the COG where the run wrote no NPZ (output_format=cog)."""
+    from ..product import read_output
+
     npz = output_dir / f"{name}.npz"
-    if not npz.is_file():
-        tif = output_dir / cog.output_key(name)
-        try:
-            return tif, cog.read_cog(tif).array
-        except TileError as e:
-            raise OutputInvalid(f"{tif.name} is unreadable: {e.reason}") from None
+    source = npz if npz.is_file() else output_dir / cog.output_key(name)
     try:
-        with np.load(npz, allow_pickle=False) as data:
-            if OUTPUT_KEY not in data.files:
-                raise OutputInvalid(f"{npz.name} has no '{OUTPUT_KEY}' array (keys: {list(data.files)})")
-            return npz, data[OUTPUT_KEY]
-    except OutputInvalid:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise OutputInvalid(f"{npz.name} is unreadable: {type(e).__name__}: {e}") from None
+        return source, read_output(source).layers[OUTPUT_KEY]
+    except TileError as e:
+        raise OutputInvalid(e.reason) from None
 
 
 def _check_no_data(name: str, v2: np.ndarray, meta: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 Uses matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas) rather than pyplot, so no
 global backend is switched, nothing needs a display, and figures are freed as soon as they are
-saved. matplotlib is imported here only: `import stage2` stays light.
+saved. matplotlib is imported inside the functions that draw: `import stage2` stays light. The RGB
+display itself (`rgb`, `display_gain`) is stage2.figures, shared with the evaluation's PNGs.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..figures import RGB_GAIN, display_gain, rgb
 from ..quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, ndvi
 
-RGB_GAIN = 2.0          # the guide's display stretch: reflectance x 2, clipped to [0, 1]
-DARK = 0.1              # a tile whose x2 display has its 99th percentile below this looks black
 DPI = 100
 BAD = "#b00020"         # below-target red, shared with the HTML page
 # Largest side of the arrays handed to matplotlib. A panel is about 420 px wide at DPI, so larger tiles
@@ -44,30 +44,6 @@ def thumbnail(opt: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> tuple[np.nda
     return out, f
 
 
-def rgb(opt: np.ndarray, gain: float = RGB_GAIN) -> np.ndarray:
-    """(H, W, 3) display image of a (4, H, W) tile as the guide makes it: R=B04, G=B03, B=B02, x2, clipped.
-
-    With no-data (NaN) pixels: (H, W, 4), transparent there.
-    """
-    opt = np.asarray(opt, dtype=np.float32)
-    img = np.clip(np.stack([opt[2], opt[1], opt[0]], axis=-1) * gain, 0.0, 1.0)
-    nodata = np.isnan(img).any(axis=-1)
-    if not nodata.any():
-        return img
-    return np.concatenate([np.nan_to_num(img), (~nodata)[..., None].astype(np.float32)], axis=-1)
-
-
-def display_gain(v1: np.ndarray) -> float:
-    """The guide's x2, or for a very dark tile (water, shadow) a stronger gain so it is not black.
-
-    Taken from opt_v1 alone and used for both panels, so they stay comparable.
-    """
-    p99 = float(np.nanpercentile(np.asarray(v1)[:3], 99))
-    if p99 * RGB_GAIN >= DARK or not p99 > 0:
-        return RGB_GAIN
-    return 0.9 / p99
-
-
 def _metric_text(rmse: float | None, edge: float | None) -> str:
     r = "n/a" if rmse is None else f"{rmse:.4f}"
     e = "n/a (flat)" if edge is None else f"{edge:.3f}"
@@ -94,7 +70,7 @@ def tile_figure(path: Path, name: str, v1: np.ndarray, v2: np.ndarray, month: ob
     panel_w = 4.2 * min(max(w / h, 0.5), 2.0)            # keep very long tiles readable
     fig = Figure(figsize=(2 * panel_w + 5.2, 5.0), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.18]})
-    gain = display_gain(v1)
+    gain = display_gain(v1)      # from opt_v1 alone, for both panels: they stay comparable
     axes[0].imshow(rgb(v1, gain), interpolation="nearest")
     shown = f", shown as {f}x{f} px means" if f > 1 else ""
     axes[0].set_title(f"opt_v1 (Stage 1)  {h}x{w} px{shown}", fontsize=11)

@@ -14,7 +14,7 @@ from geotiffs import CRS, TILE_256, TRANSFORM, demo_array, write_geotiff
 from stage2 import formats, tiles
 from stage2.formats import cog, geotiff
 from stage2.runtime import RunError
-from stage2.storage import Folder, is_url, safe_url
+from stage2.store import Store, is_url, open_store, safe_url
 
 
 class Boom(Exception):
@@ -33,7 +33,7 @@ def test_local_listing_names_sizes_and_times_once(tmp_path):
     (tmp_path / "sub" / "b.tif").write_bytes(b"xy")
     (tmp_path / ".a.npz.123.tmp").write_bytes(b"temporary")
 
-    flat, deep = Folder(tmp_path).listing(), Folder(f"file://{tmp_path}").listing(recursive=True)
+    flat, deep = open_store(tmp_path).listing(), open_store(f"file://{tmp_path}").listing(recursive=True)
 
     assert list(flat) == ["a.npz"] and list(deep) == ["a.npz", "sub/b.tif"]
     assert deep["a.npz"].size == 5 and deep["sub/b.tif"].size == 2
@@ -41,7 +41,7 @@ def test_local_listing_names_sizes_and_times_once(tmp_path):
 
 
 def test_local_write_is_atomic_and_read_back(tmp_path):
-    folder = Folder(tmp_path)
+    folder = open_store(tmp_path)
     with pytest.raises(Boom):
         folder.write("sub/x.npz", failing_writer)
     assert not (tmp_path / "sub" / "x.npz").exists() and list((tmp_path / "sub").iterdir()) == []
@@ -60,7 +60,7 @@ def test_urls_and_their_credentials_in_messages():
 
 
 # ---------------------------------------------------------------------------- S3 (moto server)
-def count_requests(folder: Folder, monkeypatch) -> Counter:
+def count_requests(folder: Store, monkeypatch) -> Counter:
     """Count the S3 API calls a folder makes (s3fs sends every call through _call_s3)."""
     calls: Counter = Counter()
     real = folder.fs._call_s3
@@ -74,7 +74,7 @@ def count_requests(folder: Folder, monkeypatch) -> Counter:
 
 
 def test_s3_listing_is_one_request_with_sizes_times_and_etags(s3, monkeypatch):
-    folder = Folder(s3.url("tiles"))
+    folder = open_store(s3.url("tiles"))
     for i in range(30):
         folder.write_bytes(f"t{i:02d}.npz", b"x" * i)
     folder.write_bytes("deeper/t.json", b"{}")
@@ -86,11 +86,11 @@ def test_s3_listing_is_one_request_with_sizes_times_and_etags(s3, monkeypatch):
     assert len(flat) == 30 and flat["t07.npz"].size == 7
     assert flat["t07.npz"].etag and flat["t07.npz"].mtime > 1.7e9
     assert "deeper/t.json" in folder.listing(recursive=True)
-    assert Folder(s3.url("no/such/prefix")).listing() == {}
+    assert open_store(s3.url("no/such/prefix")).listing() == {}
 
 
 def test_s3_write_is_whole_or_nothing(s3):
-    folder = Folder(s3.url("out"))
+    folder = open_store(s3.url("out"))
     with pytest.raises(Boom):
         folder.write("a.npz", failing_writer)          # the process "dies" while encoding
     assert folder.listing() == {} and not folder.exists("a.npz")
@@ -103,7 +103,7 @@ def test_s3_write_is_whole_or_nothing(s3):
 
 def test_missing_bucket_is_one_run_error(s3):
     with pytest.raises(RunError) as e:
-        Folder("s3://no-such-bucket/tiles").listing()
+        open_store("s3://no-such-bucket/tiles").listing()
     assert str(e.value) == ("s3://no-such-bucket/tiles: the bucket 'no-such-bucket' does not exist (or these "
                             "credentials cannot see it): create it or correct the URL")
 
@@ -115,7 +115,7 @@ def test_missing_credentials_are_one_run_error_without_secrets(s3, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(RunError) as e:
-        Folder(s3.url("tiles")).listing()
+        open_store(s3.url("tiles")).listing()
     message = str(e.value)
     assert message.startswith(f"{s3.url('tiles')}: no credentials for s3:// were found")
     assert "AWS_ACCESS_KEY_ID" in message and "\n" not in message
@@ -127,7 +127,7 @@ def test_refused_credentials_are_one_run_error_without_secrets(s3):
     requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
     try:
         with pytest.raises(RunError) as e:
-            Folder(s3.url("tiles")).listing()
+            open_store(s3.url("tiles")).listing()
     finally:
         requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
     assert "access denied" in str(e.value)
@@ -136,19 +136,19 @@ def test_refused_credentials_are_one_run_error_without_secrets(s3):
 
 def test_unknown_protocols_and_missing_extras_name_the_fix():
     with pytest.raises(RunError, match=r"unknown protocol nosuch://"):
-        Folder("nosuch://bucket/x")
+        open_store("nosuch://bucket/x")
     try:
         import gcsfs  # noqa: F401
     except ImportError:
         with pytest.raises(RunError, match=r"pip install 'stage2\[gcs\]'"):
-            Folder("gs://bucket/x")
+            open_store("gs://bucket/x")
 
 
 def test_geotiff_from_s3_to_cog_in_s3(s3, tmp_path):
     """A GeoTIFF tile in a bucket, read by windows over ranged requests; its COG uploaded whole and valid."""
     arr = demo_array(TILE_256)
     write_geotiff(tmp_path / "scene.tif", arr, blocksize=64)
-    inp, out = Folder(s3.url("stage1")), Folder(s3.url("stage2"))
+    inp, out = open_store(s3.url("stage1")), open_store(s3.url("stage2"))
     inp.write_bytes("scene.tif", (tmp_path / "scene.tif").read_bytes())
 
     with geotiff.GeoTiff(inp.uri("scene.tif"), input_scale=None, input_offset=None) as tif:
@@ -169,7 +169,7 @@ def test_geotiff_from_s3_to_cog_in_s3(s3, tmp_path):
 def test_a_tile_and_its_sidecar_read_from_s3_equal_the_local_read(s3, tmp_path):
     np.savez(tmp_path / "t.npz", opt_v1=demo_array())
     (tmp_path / "t.json").write_text(json.dumps({"month": "jul", "biome_code": 3}))
-    inp = Folder(s3.url("in"))
+    inp = open_store(s3.url("in"))
     for name in ("t.npz", "t.json"):
         inp.write_bytes(name, (tmp_path / name).read_bytes())
 
@@ -182,7 +182,7 @@ def test_a_tile_and_its_sidecar_read_from_s3_equal_the_local_read(s3, tmp_path):
 
 
 def test_memory_urls_work_like_buckets():
-    folder = Folder("memory://stage2-mem/run")
+    folder = open_store("memory://stage2-mem/run")
     with pytest.raises(Boom):
         folder.write("a.json", failing_writer)
     folder.write_bytes("a.json", b"{}")
@@ -193,7 +193,7 @@ def test_memory_urls_work_like_buckets():
 def test_read_many_reads_a_failed_request_again_and_leaves_out_only_missing_keys(s3, monkeypatch):
     """A batch request that failed for another reason than a missing key is read once more on its own:
     a rerun must not take a flaky moment for a missing output JSON (and redo the tile)."""
-    folder = Folder(s3.url("many"))
+    folder = open_store(s3.url("many"))
     for k in ("a.json", "b.json"):
         folder.write_bytes(k, k.encode())
     real = folder.fs.cat

@@ -1,4 +1,4 @@
-"""One run per output folder (SPEC 4): `_stage2_lock.json`, held with flock and naming its holder.
+"""One run per output folder: `_stage2_lock.json` names the holder; locally it is also held with flock.
 
 The kernel drops a flock when its process dies, however it dies (SIGKILL included), so a lock
 file left behind by a dead run on this host is simply taken over. The file also names its
@@ -9,7 +9,12 @@ network file system, so the message says to delete the file if that run is gone.
 The lock is a file that is rewritten in place, not through atomic_write: a rename would replace
 the very inode that carries the flock. The flock is held on a read-only descriptor, so a run
 keeps no file open for writing between batches (an administrator can still remount the folder
-read-only; the run then stops, exit 3). Standard library only (the "nothing to do" path takes it).
+read-only; the run then stops, exit 3).
+
+In a bucket, where there is no file lock, the object alone serves (BucketLock). Taking it is a read
+then a write, not an atomic create: two runs started within the same fraction of a second can both
+take it; the second run's read-back of the lock then usually tells them apart.
+Standard library only (the "nothing to do" path takes the lock).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from ..runtime import RunError, pid_alive
-from ..tiles import LOCK_FILE
+from .base import LOCK_FILE, Store, safe_url
 
 log = logging.getLogger("stage2")
 
@@ -108,9 +113,7 @@ class RunLock:
                                f"({_describe(previous)}): if that run is no longer running, delete {self.path}; "
                                "else wait for it to finish")
             log.warning("taking over the lock of a stage2 run that is gone (%s)", _describe(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv)[:500]}
+        me = _me()
         self._fd = fd
         with open(self.path, "r+b") as f:          # the same inode: _same_file checked it under the flock
             f.write((json.dumps(me, indent=2) + "\n").encode("utf-8"))
@@ -151,3 +154,65 @@ def _describe(holder: dict[str, Any]) -> str:
     if not holder:
         return "a run that is just starting"
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+
+
+class BucketLock:
+    """`with BucketLock(store):` one run per bucket prefix: `_stage2_lock.json` names the holder.
+
+    Refused (RunError, exit 2) while the object names a live run on this host or any run on another
+    host (its liveness cannot be checked from here: the message says to delete the object if it is gone).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.me: dict[str, Any] | None = None
+
+    def __enter__(self) -> BucketLock:
+        if not is_secondary_rank():
+            self._acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.me is None:
+            return
+        try:
+            if self.store.read_json(LOCK_FILE) == self.me:
+                self.store.delete(LOCK_FILE)
+        except Exception as e:      # the bucket went away or refuses us: the next run takes the lock over
+            log.info("could not remove %s: %s", safe_url(self.store.uri(LOCK_FILE)), type(e).__name__)
+        self.me = None
+
+    def _acquire(self) -> None:
+        where = safe_url(self.store.url)
+        holder = self.store.read_json(LOCK_FILE)
+        if isinstance(holder, dict) and holder:
+            self._refuse_live(holder)
+            log.warning("taking over the lock of a stage2 run that is gone (%s)", _describe(holder))
+        me = _me()
+        self.store.write_json(LOCK_FILE, me)
+        back = self.store.read_json(LOCK_FILE)
+        if back != me:          # another run wrote its lock at the same moment
+            raise RunError(f"output_dir {where} is in use by another stage2 run ({_describe(back or {})}): "
+                           "wait for it to finish, or choose another output_dir")
+        self.me = me
+
+    def _refuse_live(self, holder: dict[str, Any]) -> None:
+        here = holder.get("host") == socket.gethostname()
+        try:
+            pid = int(holder.get("pid", 0))
+        except (TypeError, ValueError):
+            pid = 0
+        if here and (pid == os.getpid() or not pid_alive(pid)):
+            return
+        where = "still running on this host" if here else "on another host"
+        raise RunError(f"output_dir {safe_url(self.store.url)} is locked by a stage2 run {where} "
+                       f"({_describe(holder)}): if that run is no longer running, delete "
+                       f"{safe_url(self.store.uri(LOCK_FILE))}; else wait for it to finish")
+
+
+def _me() -> dict[str, Any]:
+    """This run's record in the lock: what a refused run reports."""
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500]}

@@ -1,7 +1,0 @@
-"""`python -m stage2.evaluate truth_dir=DIR input_dir=DIR output_dir=DIR`: see stage2.train.evaluate."""
-
-from .runtime import run_then_exit
-from .train.evaluate import main
-
-if __name__ == "__main__":
-    run_then_exit(main)
