@@ -34,6 +34,7 @@ class Identity(torch.nn.Module):
 
     patch_size = 16
     config = {"name": "identity"}
+    conditioning = None         # no record of trained months and biomes (SPEC 6)
 
     def forward_padded(self, x: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
         return x.clone()

@@ -1,10 +1,13 @@
 """The Stage 2 checkpoint format (SPEC 6), its fingerprint and its safe loading.
 
 A `.pt` file is a plain dict: {"stage2_checkpoint": FORMAT_VERSION, "model_config": {...},
-"state_dict": {...}, "stage2_version": "..."}. Everything is loaded with
-`torch.load(weights_only=True)`, which refuses any pickle that would run code, and only Prithvi
-backbones of terratorch's own registry are built from a checkpoint's config (SPEC 5). Lightning
-`.ckpt` files written by `stage2.train` carry the same marker and config in `hyper_parameters`.
+"state_dict": {...}, "stage2_version": "...", "conditioning": {...}}; `conditioning`, the months and
+biomes the model was trained on (SPEC 6), is absent from files written before it was recorded and
+from models that never saw training (a model then runs on whatever month and biome it is given).
+Everything is loaded with `torch.load(weights_only=True)`, which refuses any pickle that would run
+code, and only Prithvi backbones of terratorch's own registry are built from a checkpoint's config
+(SPEC 5). Lightning `.ckpt` files written by `stage2.train` carry the same marker, config and
+conditioning record in `hyper_parameters`.
 
 torch is imported inside the functions that load or save: the "nothing to do" path fingerprints
 the checkpoint (hashlib) without it.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 
 MARKER = "stage2_checkpoint"
 FORMAT_VERSION = 1
+CONDITIONING_KEY = "conditioning"
 
 
 class CheckpointError(Exception):
@@ -52,8 +56,35 @@ def fingerprint(path: str | os.PathLike, known: Mapping[str, Any] | None = None)
     return {**record, "sha256": h.hexdigest()}
 
 
+def conditioning_record(months: Iterable[int], biomes: Iterable[int], *, month_dropout: float,
+                        biome_dropout: float) -> dict[str, Any]:
+    """What a checkpoint records of its training conditions: the months (1-12) and biomes (0-15) of
+    its training tiles, and how often each was replaced by the learned "unknown" (month 0, biome 0)."""
+    return {"months": sorted({int(m) for m in months}), "biomes": sorted({int(b) for b in biomes}),
+            "month_dropout": float(month_dropout), "biome_dropout": float(biome_dropout)}
+
+
+def checked_conditioning(value: Any, path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's conditioning record (None where it has none); CheckpointError if it is malformed."""
+    if value is None:
+        return None
+    try:
+        months, biomes = list(value["months"]), list(value["biomes"])
+        ok = all(isinstance(m, int) and 1 <= m <= 12 for m in months) and \
+            all(isinstance(b, int) and 0 <= b <= 15 for b in biomes)
+        record = conditioning_record(months, biomes, month_dropout=value.get("month_dropout", 0.0),
+                                     biome_dropout=value.get("biome_dropout", 0.0))
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} has a damaged '{CONDITIONING_KEY}' record (months 1-12 and "
+                              "biomes 0-15 expected): re-save it with stage2.save_checkpoint")
+    return record
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write model config, weights and the Stage 2 marker to `path` (atomically)."""
+    """Write model config, weights, the Stage 2 marker and the model's `conditioning` record (where it
+    has one) to `path` (atomically)."""
     import torch
 
     from . import __version__
@@ -69,6 +100,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         "model_config": dict(config),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
+    record = getattr(model, "conditioning", None)
+    if record is not None:
+        payload[CONDITIONING_KEY] = checked_conditioning(record, path)
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -136,7 +170,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     from .model import Stage2Refiner, check_backbone, model_config
 
     path = Path(path)
-    config, state, _ = read_checked(path)
+    config, state, raw = read_checked(path)
+    record = checked_conditioning(conditioning_of(raw), path)
     try:
         check_backbone(config.get("backbone"))
     except ValueError as e:
@@ -156,4 +191,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         first = "; ".join(str(e).splitlines()[1:3]).strip()[:300]
         raise CheckpointError(f"checkpoint {path} weights do not match its architecture "
                               f"{config.get('name')!r} ({first}): the file is corrupt or edited") from None
+    model.conditioning = record
     return model.to(device).eval()
+
+
+def conditioning_of(raw: Any) -> Any:
+    """The raw conditioning record of a .pt (top level) or a stage2.train .ckpt (hyper_parameters)."""
+    if not isinstance(raw, dict):
+        return None
+    if CONDITIONING_KEY in raw:
+        return raw[CONDITIONING_KEY]
+    hp = raw.get("hyper_parameters")
+    return hp.get(CONDITIONING_KEY) if isinstance(hp, dict) else None

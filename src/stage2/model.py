@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import CONF_DIR
+# The learned "unknown" of each condition (SPEC 6): month 0 has an embedding row of its own (months
+# 1-12 keep rows 1-12); biome 0 is the guide's "open water or unknown" code.
+from .conditioning import UNKNOWN_BIOME, UNKNOWN_MONTH  # noqa: F401 - re-exported for model users
 
 # Prithvi's per-band statistics are in reflectance x 10000; ours are reflectance in [0, 1].
 _PRITHVI_BAND_INDEX = [0, 1, 2, 3]  # BLUE, GREEN, RED, NIR_NARROW in terratorch's PRETRAINED_BANDS
@@ -63,11 +66,12 @@ class Stage2Refiner(nn.Module):
     Encoder: terratorch's PrithviViT (from its backbone registry, `pretrained=False`) on the 4
     bands [B02, B03, B04, B08], normalised with Prithvi's own band statistics.
 
-    Conditioning: learned month (12) and biome (16) embeddings are *added to every patch token*
-    after the positional embedding. Addition is the same mechanism Prithvi uses for its own
-    temporal and location encodings, costs nothing per token, and the embeddings start at zero,
-    so a pretrained encoder starts exactly where it was trained and learns the seasonal and biome
-    shift from data. (FiLM would modulate every block and change the encoder's behaviour at init.)
+    Conditioning: learned month (12, plus an "unknown" month 0) and biome (16; biome 0 is
+    "unknown") embeddings are *added to every patch token* after the positional embedding.
+    Addition is the same mechanism Prithvi uses for its own temporal and location encodings, costs
+    nothing per token, and the embeddings start at zero, so a pretrained encoder starts exactly
+    where it was trained and learns the seasonal and biome shift from data. (FiLM would modulate
+    every block and change the encoder's behaviour at init.)
 
     Decoder: a linear layer maps each token to a patch of `decoder_channels` feature pixels
     (pixel shuffle back to full resolution), which is concatenated with the normalised input and
@@ -75,7 +79,12 @@ class Stage2Refiner(nn.Module):
     close to the input unless the model has learned a correction.
 
     `forward` takes any H, W >= 16: it reflect-pads to a multiple of the patch size and crops back.
+
+    `conditioning`: the months and biomes it was trained on (stage2.checkpoint's record, SPEC 6), or
+    None for a new model or a checkpoint written without the record.
     """
+
+    conditioning: dict[str, Any] | None = None
 
     def __init__(self, *, backbone: str, decoder_channels: int, refine_channels: int, n_months: int,
                  n_biomes: int, name: str | None = None) -> None:
@@ -101,7 +110,11 @@ class Stage2Refiner(nn.Module):
 
         self.patch_size = int(self.encoder.patch_embed.patch_size[-1])
         dim = int(self.encoder.embed_dim)
-        self.month_embed = nn.Embedding(n_months, dim)
+        # Row 0: the unknown month; row m: month m. Checkpoints written before the unknown row hold
+        # n_months rows; _with_unknown_month gives them a zero row 0 on load, so months 1-12 are the
+        # same rows as before (identical outputs).
+        self.month_embed = nn.Embedding(n_months + 1, dim)
+        self.register_load_state_dict_pre_hook(_with_unknown_month)
         self.biome_embed = nn.Embedding(n_biomes, dim)
         nn.init.zeros_(self.month_embed.weight)
         nn.init.zeros_(self.biome_embed.weight)
@@ -136,7 +149,7 @@ class Stage2Refiner(nn.Module):
         h, w = x.shape[-2:]
         tokens = enc.patch_embed(x.unsqueeze(2))               # (B, N, D)
         pos = self._pos_embed(h, w, tokens)
-        cond = self.month_embed(month - 1) + self.biome_embed(biome)  # (B, D)
+        cond = self.month_embed(month) + self.biome_embed(biome)  # (B, D); month 0, biome 0: unknown
         tokens = tokens + pos[:, 1:, :] + cond[:, None, :]
         cls = (enc.cls_token + pos[:, :1, :]).expand(tokens.shape[0], -1, -1)
         tokens = torch.cat((cls, tokens), dim=1)
@@ -175,7 +188,8 @@ class Stage2Refiner(nn.Module):
         return buf
 
     def forward(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
-        """opt_v1 (B, 4, H, W) in [0, 1], month (B,) 1-12, biome (B,) 0-15 -> opt_v2 (B, 4, H, W)."""
+        """opt_v1 (B, 4, H, W) in [0, 1], month (B,) 1-12 (0: unknown), biome (B,) 0-15 (0: unknown)
+        -> opt_v2 (B, 4, H, W)."""
         h, w = opt_v1.shape[-2:]
         if h < 16 or w < 16:
             raise ValueError(f"tiles must be at least 16x16 px, got {h}x{w}")
@@ -185,6 +199,15 @@ class Stage2Refiner(nn.Module):
     def _apply(self, fn, recurse=True):  # device/dtype moves invalidate the positional cache
         self._pos_cache = {}
         return super()._apply(fn, recurse)
+
+
+def _with_unknown_month(module: Stage2Refiner, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook: a month embedding without the unknown row (n_months rows, as written
+    before it existed) gains a zero row 0, so months 1-12 keep their rows and outputs."""
+    key = prefix + "month_embed.weight"
+    weight = state.get(key)
+    if weight is not None and weight.ndim == 2 and weight.shape[0] == module.month_embed.num_embeddings - 1:
+        state[key] = torch.cat((weight.new_zeros(1, weight.shape[1]), weight))
 
 
 def model_config(name_or_config: str | Mapping[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 An output of the tile `name` is:
 - its layers, each float32 (4, H, W) in the input's band order [B02, B03, B04, B08] and exactly the
-  input's H and W: `opt_v2` (the refined reflectance, NaN where the input had no data) always;
-- its data files, per `output_format`: `<name>.npz` (every layer under its own key), `<name>.tif`
-  (a Cloud Optimized GeoTIFF of `opt_v2`, stage2.formats.cog), or both;
+  input's H and W: `opt_v2` (the refined reflectance, NaN where the input had no data) always, and
+  `opt_v2_std` (the per-pixel std across test-time augmentation passes, docs/confidence.md) when the
+  run had more than one pass;
+- its data files, per `output_format`: `<name>.npz` (every layer under its own key), a Cloud
+  Optimized GeoTIFF per layer (stage2.formats.cog: `<name>.tif` of `opt_v2`, `<name>.std.tif` of
+  `opt_v2_std`, a name TerraTorch's `img_grep` plus tile list does not pick), or both;
 - `<name>.json`, written last: the input's metadata, Stage 2's own keys (`stage`, `timestamp`,
   `processing`, `quality`, ...) and the product's (`schema_version`, `shape`, `files`,
   `band_stats`). An output counts only when its JSON exists.
@@ -30,14 +33,17 @@ from .tiles import BANDS, GeoRef, TileError, georef_from_sidecar
 
 SCHEMA_VERSION = 1          # of the output JSON; raised when a key changes meaning
 OUTPUT_KEY = "opt_v2"
-LAYERS = (OUTPUT_KEY,)      # every layer an output may carry, in the order they are written
+STD_KEY = "opt_v2_std"
+LAYERS = (OUTPUT_KEY, STD_KEY)      # every layer an output may carry, in the order they are written
 NPZ_SUFFIX = ".npz"
 COG_SUFFIX = ".tif"
+STD_COG_SUFFIX = ".std.tif"
+COG_SUFFIXES = {OUTPUT_KEY: COG_SUFFIX, STD_KEY: STD_COG_SUFFIX}     # one COG per layer
 JSON_SUFFIX = ".json"
 OUTPUT_FORMATS = ("npz", "cog", "both")
 # Keys Stage 2 writes into the output JSON; a sidecar's own values of them are kept under "stage1".
-STAGE2_KEYS = ("stage", "timestamp", "processing", "quality", "metadata_defaults", "schema_version", "shape",
-               "files", "band_stats")
+STAGE2_KEYS = ("stage", "timestamp", "processing", "quality", "confidence", "metadata_defaults", "schema_version",
+               "shape", "files", "band_stats")
 STAGE1_KEY = "stage1"
 STAGE = "stage2_refined"
 # The COG's dataset tags: the metadata a GIS shows without the JSON (values written as text).
@@ -66,21 +72,22 @@ class Output(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- names
-def data_files(name: str, output_format: str, layers: tuple[str, ...] = LAYERS) -> list[DataFile]:
-    """The data files of one output in the order they are written."""
+def data_files(name: str, output_format: str, layers: tuple[str, ...] = (OUTPUT_KEY,)) -> list[DataFile]:
+    """The data files of one output with these layers, in the order they are written: the NPZ holds
+    every layer, a COG one."""
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format={output_format!r}: use one of {list(OUTPUT_FORMATS)}")
     files = []
     if output_format in ("npz", "both"):
         files.append(DataFile(f"{name}{NPZ_SUFFIX}", "npz", layers))
     if output_format in ("cog", "both"):
-        files.append(DataFile(f"{name}{COG_SUFFIX}", "cog", (OUTPUT_KEY,)))
+        files += [DataFile(f"{name}{COG_SUFFIXES[layer]}", "cog", (layer,)) for layer in layers]
     return files
 
 
-def output_keys(name: str, output_format: str) -> list[str]:
+def output_keys(name: str, output_format: str, layers: tuple[str, ...] = (OUTPUT_KEY,)) -> list[str]:
     """The files of one output in the order they are written: data first, the JSON last."""
-    return [f.key for f in data_files(name, output_format)] + [json_key(name)]
+    return [f.key for f in data_files(name, output_format, layers)] + [json_key(name)]
 
 
 def json_key(name: str) -> str:
@@ -89,17 +96,18 @@ def json_key(name: str) -> str:
 
 def all_keys(name: str) -> list[str]:
     """Every file an output of `name` may have in any format, the JSON first (what discarding removes)."""
-    return [json_key(name), *(f.key for f in data_files(name, "both"))]
+    return [json_key(name), *(f.key for f in data_files(name, "both", LAYERS))]
 
 
-def is_done(listing: Any, name: str, output_format: str) -> bool:
+def is_done(listing: Any, name: str, output_format: str, layers: tuple[str, ...] = (OUTPUT_KEY,)) -> bool:
     """Whether a listing (any container of keys) holds every file of `name`'s output in this format."""
-    return all(key in listing for key in output_keys(name, output_format))
+    return all(key in listing for key in output_keys(name, output_format, layers))
 
 
 # ---------------------------------------------------------------------------- metadata
 def output_metadata(meta: dict[str, Any], *, processing: dict[str, Any], defaults: list[str],
-                    quality: dict[str, Any] | None, timestamp: str) -> dict[str, Any]:
+                    quality: dict[str, Any] | None, timestamp: str,
+                    confidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """The output JSON of one tile without the product keys write_output adds: the input's keys, then Stage 2's.
 
     A sidecar's own values of Stage 2's keys (Stage 1 writes some of them) are kept under "stage1"
@@ -115,6 +123,8 @@ def output_metadata(meta: dict[str, Any], *, processing: dict[str, Any], default
     out.update(stage=STAGE, timestamp=timestamp, metadata_defaults=list(defaults), processing=processing)
     if quality is not None:
         out["quality"] = quality
+    if confidence is not None:
+        out["confidence"] = confidence
     return strict_json(out)
 
 
@@ -187,8 +197,11 @@ def write_output(store: Store | str | os.PathLike, name: str, layers: dict[str, 
         for f in files:
             if f.format == "npz":
                 store.write(f.key, lambda fo, f=f: np.savez(fo, **{k: arrays[k] for k in f.layers}))
-            else:
+            elif f.layers == (OUTPUT_KEY,):
                 georeferenced = cog.write_cog(store, f.key, opt_v2, geo, cog_settings, tags=cog_tags(meta))
+            else:       # another layer's COG says which it is: a GIS shows the tag, not the JSON
+                cog.write_cog(store, f.key, arrays[f.layers[0]], geo, cog_settings,
+                              tags={**cog_tags(meta), "layer": f.layers[0]})
             written.append(f.key)
         store.write_bytes(js, text.encode("utf-8"))
     except BaseException:
@@ -204,9 +217,10 @@ def write_output(store: Store | str | os.PathLike, name: str, layers: dict[str, 
 def read_output(path_or_url: str | os.PathLike) -> Output:
     """An output's layers, metadata and georeference, whatever its format and wherever it lives.
 
-    `path_or_url` names any file of the output (`<name>.json`, `.npz`, `.tif`) or its stem. Given a
-    data file, that file's layers are read; given the JSON or the stem, the NPZ where there is one
-    (it holds every layer), else the COG. TileError names the file and the problem.
+    `path_or_url` names any file of the output (`<name>.json`, `.npz`, `.tif`, `.std.tif`) or its stem.
+    Given a data file, that format's layers are read (a COG output's: `<name>.tif`, and `<name>.std.tif`
+    where there is one); given the JSON or the stem, the NPZ where there is one (it holds every layer),
+    else the COGs. TileError names the file and the problem.
     """
     text = str(path_or_url)
     folder, _, base = text.rstrip("/").rpartition("/") if is_url(text) else _split_local(text)
@@ -233,6 +247,8 @@ def _split_local(text: str) -> tuple[str, str, str]:
 
 
 def _stem(base: str) -> tuple[str, str]:
+    if base.lower().endswith(STD_COG_SUFFIX):        # another layer of the COG output `<name>.tif`
+        return base[:-len(STD_COG_SUFFIX)], COG_SUFFIX
     for sfx in (NPZ_SUFFIX, COG_SUFFIX, ".tiff", JSON_SUFFIX):
         if base.lower().endswith(sfx):
             return base[:-len(sfx)], sfx if sfx != ".tiff" else COG_SUFFIX
@@ -240,14 +256,13 @@ def _stem(base: str) -> tuple[str, str]:
 
 
 def _read_data(store: Store, key: str, meta: dict[str, Any]) -> Output:
-    from .formats import cog
-
     if key.endswith(COG_SUFFIX):
-        try:
-            got = cog.read_cog(store.uri(key))
-        except TileError as e:
-            raise TileError(f"{key} is unreadable: {e.reason}", e.hint) from None
-        return Output({OUTPUT_KEY: got.array}, meta, got.geo)
+        got = _read_cog(store, key)
+        layers = {OUTPUT_KEY: got.array}
+        std = f"{key[:-len(COG_SUFFIX)]}{STD_COG_SUFFIX}"
+        if store.exists(std):
+            layers[STD_KEY] = _read_cog(store, std).array
+        return Output(layers, meta, got.geo)
     source: Any = store.uri(key) if store.local else io.BytesIO(store.read_bytes(key))
     try:
         with np.load(source, allow_pickle=False) as npz:
@@ -261,6 +276,15 @@ def _read_data(store: Store, key: str, meta: dict[str, Any]) -> Output:
         raise TileError(f"{key} is unreadable: {type(e).__name__}: {e}",
                         "the file is damaged: run stage2.predict again for this tile") from None
     return Output(layers, meta, _georef_of_json(meta, store.uri(json_key(key[:-len(NPZ_SUFFIX)]))))
+
+
+def _read_cog(store: Store, key: str) -> Any:
+    from .formats import cog
+
+    try:
+        return cog.read_cog(store.uri(key))
+    except TileError as e:
+        raise TileError(f"{key} is unreadable: {e.reason}", e.hint) from None
 
 
 def _georef_of_json(meta: dict[str, Any], where: str) -> GeoRef | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,31 @@ def test_read_many_reads_a_failed_request_again_and_leaves_out_only_missing_keys
 
     monkeypatch.setattr(folder.fs, "cat", flaky)
     assert folder.read_many(["a.json", "b.json", "missing.json"]) == {"a.json": b"a.json", "b.json": b"b.json"}
+
+
+def test_a_killed_bucket_writers_scratch_folder_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """A bucket write encodes the object in a local scratch folder first; a process killed during it
+    cannot remove that folder, so the next run removes every one whose process is gone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from stage2.store.remote import TEMP_PREFIX, temporary_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = ("import os, sys; sys.path[:0] = [sys.argv[1]]\n"
+            "from stage2.store import open_store\n"
+            "def produce(path):\n"
+            "    path.write_bytes(b'half a COG')\n"
+            "    os.kill(os.getpid(), 9)          # killed while the object is being encoded\n"
+            "open_store('memory://stage2-killed/run').write_path('t.tif', produce)\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[2] / "src")], env=env)
+    assert r.returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 1 and left[0].startswith(TEMP_PREFIX)
+    with temporary_folder() as mine:                    # this process's own is never touched
+        store = open_store("memory://stage2-killed/run")
+        assert store.clean_temporaries() == 1
+        assert [p.name for p in tmp_path.iterdir()] == [Path(mine).name]
+    assert list(tmp_path.iterdir()) == []

@@ -81,7 +81,9 @@ def test_python_m_stage2_predict_as_a_user_types_it(tmp_path, tiny_ckpt):
     r = run_cli([f"checkpoint={tiny_ckpt}", f"input_dir={inp}", f"output_dir={out}", "hardware=cpu"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "found 2  processed 2  skipped 0  failed 0" in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["_stage2_summary.json", "a.json", "a.npz", "b.json", "b.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["_stage2_stac", "_stage2_summary.json", "_stage2_tiles.txt",
+                                                    "a.json", "a.npz", "b.json", "b.npz"]
+    assert (out / "_stage2_tiles.txt").read_text() == "a\nb\n"
     assert read_opt_v2(out / "a.npz").shape == (4, 48, 40)
     (run_dir,) = [d for d in (tmp_path / "outputs" / "predict").glob("*/*") if d.is_dir()]
     assert "stage2 summary" in (run_dir / "stage2_predict.log").read_text()

@@ -1,7 +1,7 @@
 """`python -m stage2.evaluate truth_dir=DIR input_dir=DIR output_dir=DIR` (settings: conf/evaluate.yaml).
 
-Prints per tile and on average the error of the Stage 1 input and of the Stage 2 output against the
-truth (stage2.evaluate.score), saves the table as `output_dir/_stage2_evaluation.json` (`save=false`:
+Prints per tile, on average and pooled the error of the Stage 1 input and of the Stage 2 output against
+the truth (stage2.evaluate.score; `reference_dir`: another run's outputs, e.g. without TTA, beside), saves the table as `output_dir/_stage2_evaluation.json` (`save=false`:
 not), and one PNG per tile (truth | opt_v1 | opt_v2 | their errors) in `output_dir/_stage2_evaluation/`
 (`figures=false`: none). Exit 0, or 2 with one line on a bad folder or tile.
 """
@@ -36,6 +36,9 @@ def evaluate_app(cfg: DictConfig) -> int:
     (every tile is read anyway), and the JSON and figures are uploaded into a bucket output_dir.
     """
     dirs = {key: required(cfg, key, what) for key, what in FOLDERS}
+    reference = cfg.get("reference_dir")
+    if reference not in (None, ""):
+        dirs["reference_dir"] = str(reference)
     with ExitStack() as stack:
         local = {k: stack.enter_context(mirrored(v, skip=lambda key: key.startswith(f"{FIGURES_DIR}/")))
                  for k, v in dirs.items()}
@@ -47,6 +50,8 @@ def evaluate_app(cfg: DictConfig) -> int:
         if not out.local:
             out.upload(made, [p.relative_to(made).as_posix() for p in figs])
         ev.truth_dir, ev.input_dir, ev.output_dir = (str(dirs[k]) for k, _ in FOLDERS)
+        if "reference_dir" in dirs:
+            ev.reference_dir = dirs["reference_dir"]
     print(ev.format())
     if cfg.save:
         text = json.dumps(_finite(ev.to_json()), indent=2, allow_nan=False) + "\n"

@@ -38,7 +38,7 @@ from ..runtime import (
     interrupted_by_signal,
     register_resolvers,
 )
-from ..store import is_url, location, open_store
+from ..store import SUMMARY_FILE, is_url, location, open_store
 from .plan import Plan
 from .preflight import check_locations, check_settings
 
@@ -87,12 +87,17 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan(input_dir, output_dir, ckpt, inputs=open_store(input_dir), outputs=open_store(output_dir))
 
 
-def nothing_to_do(p: Plan, outcome: dict[str, Any]) -> int:
-    """The fast path of a finished AOI: no model, no checkpoint load."""
+def nothing_to_do(cfg: DictConfig, p: Plan, outcome: dict[str, Any]) -> int:
+    """The fast path of a finished AOI: no model, no checkpoint load; the hand-off files are rebuilt
+    only when they no longer describe the folder's outputs."""
+    from . import handoff
     from .resume import finish
 
     p.outputs.clean_temporaries()
     finish(p, [], None)
+    if cfg.catalog and not handoff.is_current(p):
+        recorded = (p.previous_summary or {}) | handoff.rebuild(p, [])
+        p.outputs.write_json(SUMMARY_FILE, recorded)
     msg = f"nothing to do: {p.done} tiles already done in {p.output_dir}"
     print(msg)
     log.info(msg)
@@ -122,7 +127,7 @@ def build(cfg: DictConfig, p: Plan, model: Any) -> Parts:
     accelerator = resolve_accelerator(cfg)
     precision = resolve_precision(cfg.precision, accelerator in ("gpu", "cuda"), str(cfg.hardware.amp_precision))
     data = instantiate(cfg.data)(files=p.todo, input_dir=p.input_dir, patch_size=model.patch_size,
-                                 clashes=p.clashes, states=p.states)
+                                 clashes=p.clashes, states=p.states, conditioning=model.conditioning)
     processing = {
         "checkpoint": str(p.checkpoint.resolve()),
         "checkpoint_sha256": p.fingerprint["sha256"],
@@ -166,7 +171,7 @@ def execute(parts: Parts, t0: float) -> tuple[list[Any], list[dict[str, str]], f
 def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
                  t0: float, **status: Any) -> RunSummary:
     """The RunSummary of this run (`status`: stopped=<reason> or interrupted=True for a run cut short)."""
-    from .summary import RunSummary, quality_summary
+    from .summary import RunSummary, confidence_summary, quality_summary
     from .writer import first_failures
 
     records, failures, tiles_per_s = result
@@ -175,6 +180,8 @@ def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any]
     return RunSummary(
         found=len(p.files), processed=len(records), skipped=p.done, failed=len(failures),
         ignored=len(p.ignored), redone_stale=p.stale, metadata_defaults=sum(r.defaults for r in records),
+        unseen_conditions=sum(r.unseen_conditions for r in records),
+        missing_conditions=sum(r.missing_conditions for r in records),
         clipped=sum(r.clipped for r in records), cpu_fallbacks=sum(r.cpu_fallback for r in records),
         not_georeferenced=sum(not r.georeferenced for r in records),
         tiles_per_s=round(tiles_per_s, 3), wall_s=round(time.perf_counter() - t0, 3), device=device,
@@ -182,18 +189,24 @@ def make_summary(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any]
         model=parts.processing["model"], checkpoint=parts.processing["checkpoint"],
         checkpoint_sha256=p.fingerprint["sha256"], checkpoint_fingerprint=p.fingerprint, input_dir=str(p.input_dir),
         output_dir=str(p.output_dir), first_failures=first_failures(failures),
-        quality=quality_summary(records) if cfg.quality else None, stage2_version=__version__, **status,
+        quality=quality_summary(records) if cfg.quality else None,
+        confidence=confidence_summary(records, parts.processing["tta"]), stage2_version=__version__, **status,
     )
 
 
 def summarise(cfg: DictConfig, p: Plan, parts: Parts, result: tuple[list[Any], list[dict[str, str]], float],
               t0: float, outcome: dict[str, Any]) -> int:
-    """Print and save the run summary (rank 0); return the exit code."""
+    """Rebuild the hand-off files, print and save the run summary (rank 0); return the exit code."""
+    from . import handoff
     from .resume import finish
 
     summary = make_summary(cfg, p, parts, result, t0)
+    written = [r.name for r in result[0]]
     try:
-        finish(p, [r.name for r in result[0]], result[1])
+        finish(p, written, result[1])
+        if cfg.catalog:
+            recorded = handoff.rebuild(p, written)
+            summary.band_stats, summary.handoff = recorded["band_stats"], recorded["handoff"]
         summary.save(p.outputs)
     except RunError as e:       # the bucket went away after the tiles were written: not a "nothing written" 2
         log.info("\n%s", summary.format())
@@ -240,7 +253,7 @@ def cut_short(cfg: DictConfig, p: Plan, parts: Parts, t0: float, outcome: dict[s
 
 def stop_reason(error: BaseException, output_dir: Path | str) -> str:
     """What stopped the run, in words: the output folder's problem, or the unexpected error."""
-    if isinstance(error, RunError):         # a bucket refused or vanished mid-run (stage2.storage)
+    if isinstance(error, RunError):         # a bucket refused or vanished mid-run (stage2.store)
         return first_line(error)
     if is_url(output_dir):
         return f"unexpected {type(error).__name__}: {first_line(error)}"
@@ -273,11 +286,12 @@ def _steps(cfg: DictConfig, outcome: dict[str, Any]) -> int:
     with p.outputs.lock():
         trust(cfg, p)
         if not p.todo:
-            return nothing_to_do(p, outcome)
+            return nothing_to_do(cfg, p, outcome)
         return _predict(cfg, p, t0, outcome)
 
 
 def _predict(cfg: DictConfig, p: Plan, t0: float, outcome: dict[str, Any]) -> int:
+    from .handoff import withdraw
     from .resume import discard
 
     logging.getLogger("lightning").handlers.clear()   # Hydra's job_logging owns the console and log file
@@ -287,6 +301,8 @@ def _predict(cfg: DictConfig, p: Plan, t0: float, outcome: dict[str, Any]) -> in
     parts = build(cfg, p, model)
     if parts.trainer.is_global_zero:
         # the first change to outputs: every run-level check has passed
+        if p.untrusted:
+            withdraw(p)         # no catalog may name an output while it is being redone
         discard(p)
     try:
         result = execute(parts, t0)

@@ -9,13 +9,18 @@ thus independent of its neighbours, of the batch size and of the worker count.
 A tile above `window.above` enters the sampler as its windows (stage2.predict.windows): items of
 the window's size, bucketed with same-size tiles. Workers carry only references to windows; the
 main process cuts their pixels in `on_before_batch_transfer`, from the tile it read once.
+
+Conditions (SPEC 6): where a tile is read, its month and biome become what the model is given
+(stage2.conditioning: the learned "unknown" where the metadata is missing or, with
+`unseen_conditioning: unknown`, where the checkpoint never trained on the value); the tile keeps
+its own values in `meta` and carries the record for `processing.conditioning`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..conditioning import Conditioner
 from ..formats import file_name, load_remote_tile, load_tile, peek_shape
 from ..model import pad_to_multiple, padded_size
 from ..store import is_url, relative_key
@@ -38,8 +44,8 @@ class Batch:
     tiles: list[Tile]
     failures: list[TileFailure]
     x: torch.Tensor | None = None         # (B, 4, Hp, Wp) float32, reflect-padded: the tiles, then the windows
-    month: torch.Tensor | None = None     # (B,) long, 1-12
-    biome: torch.Tensor | None = None     # (B,) long, 0-15
+    month: torch.Tensor | None = None     # (B,) long, 1-12 (0: unknown)
+    biome: torch.Tensor | None = None     # (B,) long, 0-15 (0: unknown)
     sizes: list[tuple[int, int]] = field(default_factory=list)
     refs: list[WindowRef] = field(default_factory=list)     # windows to cut (main process)
     windows: list[Window] = field(default_factory=list)     # ... and once cut
@@ -79,6 +85,30 @@ class Batch:
 
 def _ints(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
+
+
+@dataclass
+class ConditionedTile(Tile):
+    """A tile whose `month` and `biome` are what the model is given (its own values stay in `meta`),
+    with `processing.conditioning` (stage2.conditioning) for its output JSON."""
+
+    conditioning: dict[str, Any] | None = None
+
+
+class Conditioned:
+    """Picklable reader wrapper: a read tile becomes a ConditionedTile (failures pass through)."""
+
+    def __init__(self, load: Callable[[Path], Tile | TileFailure], conditioner: Conditioner) -> None:
+        self.load = load
+        self.conditioner = conditioner
+
+    def __call__(self, path: Path) -> Tile | TileFailure:
+        tile = self.load(path)
+        if not isinstance(tile, Tile):
+            return tile
+        month, biome, record = self.conditioner.resolve(tile.month, tile.biome, tile.defaults)
+        values = {f.name: getattr(tile, f.name) for f in fields(Tile)}
+        return ConditionedTile(**{**values, "month": month, "biome": biome}, conditioning=record)
 
 
 class Item(NamedTuple):
@@ -240,8 +270,11 @@ class TileDataModule(L.LightningDataModule):
     def __init__(self, *, files: Sequence[Path], input_dir: str | Path, batch_size: int, num_workers: int,
                  pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any],
                  input_scale: float | None, input_offset: float | None, clashes: Collection[str],
-                 require_georeference: bool, states: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 require_georeference: bool, states: Mapping[str, Mapping[str, Any]] | None = None,
+                 unseen_conditioning: str = "unknown", conditioning: Mapping[str, Any] | None = None) -> None:
+        """`conditioning`: the checkpoint's record of the months and biomes it was trained on (None: none)."""
         super().__init__()
+        self.conditioner = Conditioner.of(conditioning, unseen_conditioning)
         self.input_scale = input_scale
         self.input_offset = input_offset
         self.clashes = frozenset(clashes)      # output names of more than one input: those inputs fail
@@ -305,9 +338,9 @@ class TileDataModule(L.LightningDataModule):
         items, _, grids = self.plan()
         sampler = self.sampler(rank, world)
         reader = partial(load_remote_tile, states=self.states) if self.remote else load_tile
-        load = partial(reader, input_dir=self.input_dir, nan_policy=self.nan_policy, input_scale=self.input_scale,
-                       input_offset=self.input_offset, clashes=self.clashes,
-                       require_georeference=self.require_georeference)
+        load = Conditioned(partial(reader, input_dir=self.input_dir, nan_policy=self.nan_policy,
+                                   input_scale=self.input_scale, input_offset=self.input_offset, clashes=self.clashes,
+                                   require_georeference=self.require_georeference), self.conditioner)
         self._source = WindowSource(self.files, grids, load, partial(file_name, input_dir=self.input_dir))
         workers = min(self.num_workers, max(len(sampler), 0))
         return DataLoader(

@@ -1,8 +1,10 @@
 """The LightningModule for prediction: one padded batch in, one cropped opt_v2 per tile (or window) out.
 
 Also owns the CUDA out-of-memory policy (SPEC 5): split the batch in halves down to one tile,
-and run a tile that still does not fit on the CPU with the same weights; and, on the CPU, runs a
-batch as `cpu_streams` concurrent forwards (see `Stage2Module._forward_streams`).
+and run a tile that still does not fit on the CPU with the same weights; on the CPU, runs a
+batch as `cpu_streams` concurrent forwards (see `Stage2Module._forward_streams`); and with
+`tta` other than none, runs each tile's test-time augmentation passes as one forward and gives
+their mean and per-pixel std (see `Stage2Module._run_tta` and docs/confidence.md).
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
+from ..model import pad_to_multiple
+from .confidence import TTA_PASSES
 from .data import Batch
 
 log = logging.getLogger("stage2")
@@ -29,6 +34,7 @@ class Prediction:
 
     batch: Batch
     outputs: list[np.ndarray] = field(default_factory=list)    # float32 (4, H, W) per good tile, then per window
+    stds: list[np.ndarray] = field(default_factory=list)       # ... their std across TTA passes (tta != none)
     cpu_fallback: list[bool] = field(default_factory=list)
     model_s: float = 0.0                                         # model time of this batch
     device: str = "cpu"
@@ -66,14 +72,52 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.P
     return kept
 
 
+class Pass(NamedTuple):
+    """One element of the dihedral group D4 on the last two axes: transpose (when `transpose`), then flip `dims`.
+
+    The 8 combinations are the group: the flips alone are the identity, the horizontal, vertical
+    and double flip (a 180-degree rotation); a transpose followed by one flip is a 90-degree rotation,
+    by none or both a diagonal mirror.
+    """
+
+    transpose: bool
+    dims: tuple[int, ...]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(-2, -1) if self.transpose else x
+        return torch.flip(x, self.dims) if self.dims else x
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        y = torch.flip(y, self.dims) if self.dims else y
+        return y.transpose(-2, -1) if self.transpose else y
+
+    def size(self, h: int, w: int) -> tuple[int, int]:
+        """The (H, W) of an (h, w) tile after this pass."""
+        return (w, h) if self.transpose else (h, w)
+
+
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
+def tta_passes(tta: str) -> tuple[Pass, ...]:
+    """The passes of a `tta` mode, the identity first; none for `none` (the plain forward runs)."""
+    if tta not in TTA_PASSES:
+        raise ValueError(f"tta={tta!r}: use one of {list(TTA_PASSES)}")
+    if tta == "none":
+        return ()
+    transposes = (False, True) if tta == "d4" else (False,)
+    return tuple(Pass(t, dims) for t in transposes for dims in FLIPS)
+
+
 class Stage2Module(L.LightningModule):
     """Wraps Stage2Refiner for `trainer.predict`; the writer callback does all file output."""
 
-    def __init__(self, model: nn.Module, *, compile: bool, cpu_streams: int) -> None:
+    def __init__(self, model: nn.Module, *, compile: bool, cpu_streams: int, tta: str) -> None:
         super().__init__()
         self.model = model
         self.compile = compile
         self.cpu_streams = max(1, int(cpu_streams))
+        self.passes = tta_passes(tta)
         self._compiled = None
         self._cpu_model: nn.Module | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -191,13 +235,68 @@ class Stage2Module(L.LightningModule):
                 out = self._fallback_model().forward_padded(x.float().cpu(), month.cpu(), biome.cpu())
             return out.to(x.device, dtype=x.dtype), [True]
 
+    def _run_tta(self, x: torch.Tensor, month: torch.Tensor, biome: torch.Tensor, sizes: list[tuple[int, int]],
+                 names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Every pass of every tile, mapped back: their mean and population std (float32, x's device and
+        padded shape; each tile's own H x W at the top left), and per-tile CPU-fallback flags.
+
+        Each pass transforms the tile itself, not its padded rows, and pads the result again: a tile
+        runs as it would alone (rotated 90 degrees, a non-square tile swaps H and W). Passes that
+        pad to the same shape (all of them for square tiles) are one batch: one forward of passes x
+        tiles rows, under the same OOM policy and `cpu_streams` as any batch; month and biome repeat.
+        """
+        b, (hp, wp) = x.shape[0], x.shape[-2:]
+        whole = all(s == (hp, wp) for s in sizes)         # no tile is padded: transform the batch at once
+        inputs = [self._pass_input(x, sizes, g, whole) for g in self.passes]
+        outs = torch.zeros((len(self.passes), b, x.shape[1], hp, wp), dtype=torch.float32, device=x.device)
+        fallback = [False] * b
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for k, xk in enumerate(inputs):
+            by_shape.setdefault(tuple(xk.shape[-2:]), []).append(k)
+        for ks in by_shape.values():
+            rows = torch.cat([inputs[k] for k in ks])
+            for k in ks:
+                inputs[k] = None       # the concatenation holds them now
+            n = len(ks)
+            label = [f"{name} (pass {k + 1}/{len(self.passes)})" for k in ks for name in names]
+            y, fb = self._run(rows, month.repeat(n), biome.repeat(n), label)
+            del rows
+            for j, k in enumerate(ks):
+                self._pass_output(outs[k], y[j * b:(j + 1) * b], sizes, self.passes[k], whole)
+                fallback = [a or c for a, c in zip(fallback, fb[j * b:(j + 1) * b], strict=True)]
+            del y
+        std, mean = torch.std_mean(outs, dim=0, correction=0)
+        return mean, std, fallback
+
+    def _pass_input(self, x: torch.Tensor, sizes: list[tuple[int, int]], g: Pass, whole: bool) -> torch.Tensor:
+        """The batch under pass `g`: each tile cropped to its size, transformed and reflect-padded again."""
+        if whole:
+            return g.apply(x)
+        p = int(self.model.patch_size)
+        return torch.cat([pad_to_multiple(g.apply(x[i:i + 1, :, :h, :w]), p) for i, (h, w) in enumerate(sizes)])
+
+    @staticmethod
+    def _pass_output(out: torch.Tensor, y: torch.Tensor, sizes: list[tuple[int, int]], g: Pass, whole: bool) -> None:
+        """Map pass `g`'s outputs `y` back into `out` (B, 4, Hp, Wp): each tile's H x W at the top left."""
+        if whole:
+            out.copy_(g.invert(y))
+            return
+        for i, (h, w) in enumerate(sizes):
+            gh, gw = g.size(h, w)
+            out[i, :, :h, :w] = g.invert(y[i, :, :gh, :gw])
+
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
         pred = Prediction(batch=batch, device=str(self.device))
         if batch.x is None:
             return pred
         start = time.perf_counter()
-        out, pred.cpu_fallback = self._run(batch.x, batch.month, batch.biome, batch.names)
-        out = out.float().cpu().numpy()       # the copy synchronises, so model_s is real time
+        if self.passes:
+            mean, std, pred.cpu_fallback = self._run_tta(batch.x, batch.month, batch.biome, batch.sizes, batch.names)
+            out, spread = mean.cpu().numpy(), std.cpu().numpy()
+            pred.stds = [spread[i, :, :h, :w] for i, (h, w) in enumerate(batch.sizes)]
+        else:
+            out, pred.cpu_fallback = self._run(batch.x, batch.month, batch.biome, batch.names)
+            out = out.float().cpu().numpy()       # the copy synchronises, so model_s is real time
         pred.model_s = time.perf_counter() - start
         pred.outputs = [out[i, :, :h, :w] for i, (h, w) in enumerate(batch.sizes)]
         return pred

@@ -30,3 +30,5 @@ class Plan:
     listing: dict[str, Entry] = field(default_factory=dict)           # the output folder's, made under the lock
     index: dict[str, dict[str, Any]] = field(default_factory=dict)    # finished tiles a rerun trusts
     index_changed: bool = False      # the index must be written again (JSONs were read to fill it)
+    tta: str = ""                    # the run's `tta` (set by resume.trust): outputs of another are redone
+    previous_summary: dict[str, Any] | None = None   # the last run's `_stage2_summary.json`, if readable

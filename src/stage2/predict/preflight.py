@@ -10,24 +10,35 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..conditioning import POLICIES as CONDITIONING_POLICIES
 from ..formats.cog import CogSettings
 from ..product import OUTPUT_FORMATS
 from ..runtime import RunError, check_precision, require_dir
 from ..store import is_url, safe_url
 from ..tiles import NAN_POLICIES
+from .confidence import TTA_MODES
 from .windows import WindowSettings
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """batch_size >= 1, num_workers >= 0, known precision, output format and nan_policy, valid window: else RunError."""
+    """batch_size >= 1, num_workers >= 0, known precision, output format, nan_policy and tta, valid window:
+    else RunError."""
     _at_least(cfg, "batch_size", 1, "the number of tiles per forward pass")
     _at_least(cfg, "num_workers", 0, "DataLoader worker processes; 0 reads tiles in the main process")
     check_precision(cfg.precision)
     check_output_format(cfg)
+    if cfg.get("unseen_conditioning", "unknown") not in CONDITIONING_POLICIES:
+        raise RunError(f"unseen_conditioning={cfg.unseen_conditioning!r} is not one of "
+                       f"{', '.join(CONDITIONING_POLICIES)}: pass unseen_conditioning=unknown (a month or biome the "
+                       "checkpoint never trained on becomes its learned unknown) or unseen_conditioning=as_is")
     if cfg.nan_policy not in NAN_POLICIES:
         raise RunError(f"nan_policy={cfg.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}: pass "
                        "nan_policy=fail (NaN fails the tile) or nan_policy=mask (NaN pixels are no data)")
     _settings(WindowSettings, cfg.window, "window")
+    if cfg.tta not in TTA_MODES:
+        raise RunError(f"tta={cfg.tta!r} is not one of {', '.join(TTA_MODES)}: pass tta=none (one pass), "
+                       "tta=flips (4 passes: the tile and its flips) or tta=d4 (8 passes: flips and 90-degree "
+                       "rotations); see docs/confidence.md")
 
 
 def check_output_format(cfg: DictConfig) -> None:

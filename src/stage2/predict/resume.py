@@ -2,8 +2,10 @@
 
 An output is done only when its JSON (written last) and every data file of the run's
 `output_format` are there and whole, it was made with this run's checkpoint
-(`processing.checkpoint_sha256`), and its input has not changed since (`input_size`,
-`input_mtime`, and the same of its sidecar). The same code decides for a local folder and a
+(`processing.checkpoint_sha256`) and its test-time augmentation (`processing.tta`; an output
+without the key had none), its input has not changed since (`input_size`, `input_mtime`, and the
+same of its sidecar), and with a `tta` other than none it has its std layer (`<name>.std.tif` for
+a COG; an NPZ holds it beside opt_v2). The same code decides for a local folder and a
 bucket, from one listing of each folder:
 - completeness: in a bucket an object appears only when its upload completes, so a listed file is
   whole; in a local folder a file may have been cut short or replaced, so each data file's header
@@ -17,8 +19,9 @@ So a rerun over a finished bucket prefix costs two listings and two small reads;
 read and no torch is imported.
 
 Outputs of another checkpoint are a run-level error (exit 2) while skip_existing=true: a folder
-never silently mixes two checkpoints. Outputs that are not trusted and will be redone are
-removed before the run writes anything new, so a tile that now fails leaves no stale output.
+never silently mixes two checkpoints. Outputs of another `tta` are redone (a setting, not another
+model). Outputs that are not trusted and will be redone are removed before the run writes
+anything new, so a tile that now fails leaves no stale output.
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ from .. import formats, product
 from ..runtime import RunError
 from ..store import INDEX_FILE, SUMMARY_FILE, Entry, is_url, relative_key, safe_url
 from ..tiles import discover, input_state, is_reserved
+from .confidence import layers_for
 from .plan import Plan
 
 log = logging.getLogger("stage2")
 
 DONE, MISSING, INCOMPLETE, STALE, FOREIGN = "done", "missing", "incomplete", "stale", "foreign"
+OTHER_TTA = "other_tta"         # made with another `tta`: redone, and removed first like a stale output
+NO_TTA = "none"                 # what an output JSON without `processing.tta` was made with
 STATE_KEYS = ("input_size", "input_mtime", "sidecar_size", "sidecar_mtime")
 
 
@@ -51,6 +57,7 @@ class RerunPlan:
     done: int = 0
     untrusted: list[str] = field(default_factory=list)      # names of outputs that exist but will be redone
     stale: int = 0                                          # of those, inputs changed since (redone_stale)
+    other_tta: int = 0                                      # of those, made with another `tta`
     foreign: dict[str, Any] = field(default_factory=dict)   # name -> that output's `processing`
 
 
@@ -107,9 +114,11 @@ def trust(cfg: Any, p: Plan) -> None:
         raise RunError(f"No tiles (*.npz, *.tif, *.tiff) found in {safe_url(str(p.input_dir))}")
     names = {f: formats.file_name(f, p.input_dir) for f in p.files}
     p.clashes = set(formats.input_keys(names[f] + Path(str(f)).suffix for f in p.files)[1])
+    p.previous_summary = summary if isinstance(summary, dict) else None
     known = summary.get("checkpoint_fingerprint") if isinstance(summary, dict) else None
     p.fingerprint = fingerprint(p.checkpoint, known if isinstance(known, dict) else None)
     p.index = _valid_index(index, p.listing)
+    p.tta = str(cfg.tta)
     r = decide(p, names, bool(cfg.skip_existing), str(cfg.output_format))
     if r.foreign and cfg.skip_existing:
         raise foreign_error(r, safe_url(str(p.output_dir)), p.checkpoint, p.fingerprint["sha256"])
@@ -137,15 +146,28 @@ def _valid_index(index: Any, listing: dict[str, Entry]) -> dict[str, dict[str, A
 
 def _present(p: Plan, name: str, f: Any, output_format: str) -> str | None:
     """MISSING or INCOMPLETE from the listing (and, in a local folder, the data files' headers);
-    None when every file of the output is there and whole."""
+    None when every opt_v2 file of the output is there and whole (the std's: `_std_present`)."""
     *data, js = product.output_keys(name, output_format)
     if is_reserved(name):       # fails as a tile; its "output" names are the run's own files
         return MISSING
     if js not in p.listing:
         return INCOMPLETE if any(k in p.listing for k in data) else MISSING
+    return _whole(p, f, data)
+
+
+def _std_present(p: Plan, name: str, f: Any, output_format: str) -> str | None:
+    """INCOMPLETE when an output that should have a std lacks a file of it (an NPZ holds the std in
+    the same file as opt_v2, which its JSON, written last, vouches for), else None."""
+    base = set(product.output_keys(name, output_format))
+    extra = [k for k in product.output_keys(name, output_format, layers_for(p.tta)) if k not in base]
+    return _whole(p, f, extra) if extra else None
+
+
+def _whole(p: Plan, f: Any, data: list[str]) -> str | None:
+    """INCOMPLETE unless each of `data` is listed, not empty and (local) of the input's shape."""
     if any(k not in p.listing or p.listing[k].size == 0 for k in data):
         return INCOMPLETE
-    if p.outputs.local:         # a local file may be cut short or replaced: its header must give the input's shape
+    if not p.outputs.listed_means_whole:        # each data file's header must give the input's shape
         want = formats.peek_shape(f)
         if want is None or any(product.output_shape(p.outputs, k) != want for k in data):
             return INCOMPLETE
@@ -179,7 +201,9 @@ def decide(p: Plan, names: dict[Any, str], skip_existing: bool, output_format: s
         name = names[f]
         if name in p.clashes:
             continue
-        kind = verdicts.get(f) or _verdict(facts.get(name), p.states.get(relative_key(f, p.input_dir)), sha)
+        kind = verdicts.get(f) or _verdict(facts.get(name), p.states.get(relative_key(f, p.input_dir)), sha, p.tta)
+        if kind == DONE:
+            kind = _std_present(p, name, f, output_format) or DONE
         counts[kind] += 1
         if kind == DONE and skip_existing:
             plan.done += 1
@@ -187,14 +211,17 @@ def decide(p: Plan, names: dict[Any, str], skip_existing: bool, output_format: s
             continue
         p.index.pop(name, None)
         plan.todo.append(f)
-        if kind in (INCOMPLETE, STALE, FOREIGN):
+        if kind in (INCOMPLETE, STALE, FOREIGN, OTHER_TTA):
             plan.untrusted.append(name)
         plan.stale += kind == STALE
+        plan.other_tta += kind == OTHER_TTA
         if kind == FOREIGN:
             plan.foreign[name] = facts[name]["processing"]
     if counts[INCOMPLETE] or counts[STALE]:
         log.info("rerun: %d incomplete outputs and %d whose input changed are redone",
                  counts[INCOMPLETE], counts[STALE])
+    if counts[OTHER_TTA]:
+        log.info("rerun: %d outputs made with another tta than tta=%s are redone", counts[OTHER_TTA], p.tta)
     p.index_changed = bool(unread)
     return plan
 
@@ -207,16 +234,18 @@ def _facts_of_json(text: bytes, js: Entry) -> dict[str, Any] | None:
         return None
     if not isinstance(processing, dict):
         return None
-    return {"json": _json_id(js), "sha256": processing.get("checkpoint_sha256"),
+    return {"json": _json_id(js), "sha256": processing.get("checkpoint_sha256"), "tta": processing.get("tta", NO_TTA),
             "state": {k: processing.get(k) for k in STATE_KEYS},
             "processing": {k: processing.get(k) for k in ("checkpoint", "checkpoint_sha256")}}
 
 
-def _verdict(facts: dict[str, Any] | None, state: dict[str, Any] | None, sha: str) -> str:
+def _verdict(facts: dict[str, Any] | None, state: dict[str, Any] | None, sha: str, tta: str) -> str:
     if facts is None:
         return INCOMPLETE
     if facts.get("sha256") != sha:
         return FOREIGN
+    if facts.get("tta", NO_TTA) != tta:
+        return OTHER_TTA
     if state is None or any(facts.get("state", {}).get(k) != v for k, v in state.items()):
         return STALE
     return DONE
@@ -242,7 +271,8 @@ def discard(p: Plan) -> None:
         for key in product.all_keys(name):
             p.outputs.delete(key)
     if p.untrusted:
-        log.info("removed %d outputs that are redone (incomplete, stale or of another checkpoint)", len(p.untrusted))
+        log.info("removed %d outputs that are redone (incomplete, stale, of another checkpoint or tta)",
+                 len(p.untrusted))
 
 
 def finish(p: Plan, written: list[str], failures: list[dict[str, str]] | None) -> None:
@@ -259,7 +289,8 @@ def finish(p: Plan, written: list[str], failures: list[dict[str, str]] | None) -
         for name in written:
             js = listing.get(product.json_key(name))
             if js is not None:
-                index[name] = {"json": _json_id(js), "sha256": p.fingerprint["sha256"], "state": states.get(name),
+                index[name] = {"json": _json_id(js), "sha256": p.fingerprint["sha256"], "tta": p.tta,
+                               "state": states.get(name),
                                "processing": {"checkpoint": str(p.checkpoint.resolve()),
                                               "checkpoint_sha256": p.fingerprint["sha256"]}}
     body = {"about": "what a stage2 rerun trusts without reading each output JSON",

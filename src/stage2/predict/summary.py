@@ -10,6 +10,7 @@ from typing import Any
 
 from ..runtime import EXIT_INTERRUPTED, EXIT_STOPPED
 from ..store import FAILURES_FILE, SUMMARY_FILE, Store
+from ..tiles import BANDS
 
 FIRST_FAILURES = 5
 
@@ -25,6 +26,11 @@ class TileRecord:
     ndvi_rmse: float | None = None
     edge_preservation: float | None = None
     georeferenced: bool = True     # False: a COG written without CRS and transform (summary: not_georeferenced)
+    std_mean: tuple[float | None, ...] | None = None    # per band, of its `confidence` (None: tta=none)
+    std_p95: tuple[float | None, ...] | None = None
+    mean_abs_change: float | None = None
+    unseen_conditions: bool = False    # a month or biome the checkpoint never trained on (stage2.conditioning)
+    missing_conditions: bool = False   # month or biome missing from the metadata
 
 
 @dataclass
@@ -36,6 +42,8 @@ class RunSummary:
     ignored: int = 0
     redone_stale: int = 0          # tiles redone because their input changed since their output
     metadata_defaults: int = 0
+    unseen_conditions: int = 0     # tiles with a month or biome the checkpoint never trained on (SPEC 6)
+    missing_conditions: int = 0    # tiles whose month or biome is missing from the metadata
     clipped: int = 0
     cpu_fallbacks: int = 0
     not_georeferenced: int = 0     # COG outputs without CRS/transform (neither the GeoTIFF nor the sidecar had one)
@@ -52,7 +60,10 @@ class RunSummary:
     output_dir: str = ""
     first_failures: list[dict[str, str]] = field(default_factory=list)
     quality: dict[str, Any] | None = None
+    confidence: dict[str, Any] | None = None
     stage2_version: str = ""
+    band_stats: dict[str, Any] | None = None   # per band, exact over every valid output of the folder
+    handoff: dict[str, Any] | None = None      # what the tile list, TerraTorch file and catalog were built from
     stopped: str | None = None     # why the run stopped part-way (exit 3)
     interrupted: bool = False      # Ctrl-C or SIGTERM (exit 130)
 
@@ -75,6 +86,13 @@ class RunSummary:
             return EXIT_STOPPED
         return 1 if self.failed else 0
 
+    def _conditions_line(self) -> list[str]:
+        """Tiles the model ran on conditions it never learned or was not given, where there are any."""
+        if not (self.unseen_conditions or self.missing_conditions):
+            return []
+        return [f"  conditions   {self.unseen_conditions} tiles with a month or biome the checkpoint never "
+                f"trained on, {self.missing_conditions} with one missing (processing.conditioning in each JSON)"]
+
     def progress_line(self) -> str:
         """What a stopped or interrupted run did, for its one console line."""
         return (f"{self.processed} tiles written, {self.failed} failed, {self.skipped} already done, "
@@ -89,6 +107,7 @@ class RunSummary:
             + (f"  redone (input changed) {self.redone_stale}" if self.redone_stale else ""),
             f"  metadata     defaults used for {self.metadata_defaults} tiles   clipped {self.clipped} tiles"
             + (f"   not georeferenced {self.not_georeferenced} COGs" if self.not_georeferenced else ""),
+            *self._conditions_line(),
             f"  device       {self.device}   precision {self.precision}   batch {self.batch_size}   "
             f"CPU fallbacks {self.cpu_fallbacks}",
             f"  speed        {self.tiles_per_s:.2f} tiles/s (model, steady)   wall {self.wall_s:.1f} s",
@@ -99,16 +118,56 @@ class RunSummary:
             lines.append(f"  quality      NDVI RMSE mean {_f(r['mean'])} worst {_f(r['worst'])} ({r['worst_tile']})")
             lines.append(f"               edge pres. mean {_f(e['mean'])} worst {_f(e['worst'])} ({e['worst_tile']})")
             lines.append(f"               {q['below_target']} tiles below target, {q['undefined']} undefined (flat)")
+        lines += _confidence_lines(self.confidence)
         if self.first_failures:
             lines.append(f"  failures     (all in {FAILURES_FILE})")
             for f in self.first_failures:
                 lines.append(f"    {f['file']}: {f['reason']}")
+        if self.handoff:
+            h = self.handoff
+            lines.append(f"  hand-off     {h['outputs']} outputs in _stage2_stac/, {h['tiles']} in _stage2_tiles.txt, "
+                         "TerraTorch file " + ("written" if h["terratorch"] else "not written (no COGs)"))
         lines.append(f"  output       {self.output_dir}")
         return "\n".join(lines)
 
 
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _confidence_lines(c: dict[str, Any] | None) -> list[str]:
+    """The summary's confidence line(s): the mean change, and with a std its per-band mean and worst p95."""
+    if not c or not c.get("tiles"):
+        return []
+    lines = [f"  confidence   tta {c['tta']}   mean |opt_v2 - opt_v1| {_f(c['mean_abs_change'])}"]
+    bands = c.get("bands")
+    if bands:
+        means = " ".join(f"{b} {_f(v['std_mean'])}" for b, v in bands.items())
+        worst = max(bands.values(), key=lambda v: -1.0 if v["std_p95_max"] is None else v["std_p95_max"])
+        lines.append(f"               std mean {means}")
+        lines.append(f"               std p95 worst {_f(worst['std_p95_max'])} ({worst['std_p95_max_tile']})")
+    return lines
+
+
+def confidence_summary(records: list[TileRecord], tta: str) -> dict[str, Any]:
+    """The run's confidence: the mean of the tiles' mean changes and, with a std, per band the mean of
+    the tiles' std means and the largest of their 95th percentiles (with that tile's name)."""
+    def mean(values: list[float | None]) -> float | None:
+        kept = [v for v in values if v is not None]
+        return sum(kept) / len(kept) if kept else None
+
+    out: dict[str, Any] = {"tta": tta, "tiles": len(records),
+                           "mean_abs_change": mean([r.mean_abs_change for r in records])}
+    with_std = [r for r in records if r.std_mean is not None]
+    if with_std:
+        bands = {}
+        for i, band in enumerate(BANDS):
+            p95 = [(r.std_p95[i], r.name) for r in with_std if r.std_p95[i] is not None]
+            worst = max(p95) if p95 else (None, None)
+            bands[band] = {"std_mean": mean([r.std_mean[i] for r in with_std]),
+                           "std_p95_max": worst[0], "std_p95_max_tile": worst[1]}
+        out["bands"] = bands
+    return out
 
 
 def quality_summary(records: list[TileRecord]) -> dict[str, Any]:

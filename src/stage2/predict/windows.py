@@ -8,7 +8,9 @@ was cut:
 - `WindowSource` (main process): reads a windowed tile once, when its first window is needed, and
   cuts windows from it lazily (a window is a view until the batch copies it into a tensor);
 - `Assembly` (writer): sum(w * y) / sum(w) as the windows arrive, row of windows by row of windows,
-  written over the tile's input rows as they become final.
+  written over the tile's input rows as they become final. With test-time augmentation each window
+  brings the mean of its passes and their std; the std maps are blended with the same weights into an
+  array of their own (docs/confidence.md).
 
 numpy only: the run's plan checks the settings here without importing torch.
 """
@@ -25,6 +27,7 @@ import numpy as np
 
 from ..quality import RowQuality
 from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
+from .confidence import ChangeSum
 
 # Blend weights: a raised cosine (Hann) across each window, plus this floor. The floor keeps every
 # pixel's weight sum at least FLOOR**2 (a tile corner covered by one window's corner), far from
@@ -257,29 +260,37 @@ class Assembly:
     their no-data NaN, and written over the same input rows, which no window needs any more (later
     windows start at or below them, and a batch's windows are cut before its outputs are blended).
     So a windowed tile holds one tile-sized array (its input, turning into its output) and a strip
-    of one window's height, never a list of windows.
+    of one window's height, never a list of windows. With a std (`std=True`) it holds a second
+    tile-sized array and strip for it; the change |opt_v2 - opt_v1| is summed as each strip is final.
     """
 
-    def __init__(self, tile: Tile, grid: Grid, quality: bool) -> None:
+    def __init__(self, tile: Tile, grid: Grid, quality: bool, std: bool = False) -> None:
         self.tile = tile
         self.grid = grid
         self.weights = grid.weights()
         self.row_sums, self.col_sums = grid.weight_sums()
         self.strip = np.zeros((N_BANDS, grid.win_h, grid.width), dtype=np.float32)
+        self.std_strip = np.zeros_like(self.strip) if std else None
+        self.std = np.empty((N_BANDS, grid.height, grid.width), dtype=np.float32) if std else None
         self.row, self.in_row, self.received = 0, 0, 0
         self.model_s = 0.0
         self.cpu_fallback = False
         self.quality = RowQuality() if quality else None
+        self.change = ChangeSum()
 
-    def add(self, index: int, y: np.ndarray, model_s: float, cpu_fallback: bool) -> bool:
-        """Blend one window's opt_v2 in; True when it was the tile's last."""
+    def add(self, index: int, y: np.ndarray, model_s: float, cpu_fallback: bool,
+            std: np.ndarray | None = None) -> bool:
+        """Blend one window's opt_v2 (and its std, when the assembly keeps one) in; True when it was the tile's last."""
         i, j = divmod(index, len(self.grid.xs))
         if i != self.row:
             raise RuntimeError(f"{self.tile.name}: window {index + 1} arrived before window row {self.row + 1} "
                                "was complete")
         x = self.grid.xs[j]
+        w = self.weights[:y.shape[1], :y.shape[2]]
         region = self.strip[:, :y.shape[1], x:x + y.shape[2]]
-        region += y * self.weights[:y.shape[1], :y.shape[2]]
+        region += y * w
+        if self.std_strip is not None:
+            self.std_strip[:, :y.shape[1], x:x + y.shape[2]] += std * w
         self.received += 1
         self.model_s += model_s
         self.cpu_fallback |= cpu_fallback
@@ -292,25 +303,36 @@ class Assembly:
         ys, i = self.grid.ys, self.row
         r0, r1 = ys[i], ys[i + 1] if i + 1 < len(ys) else self.grid.height
         n = r1 - r0
-        out = self.strip[:, :n] / np.outer(self.row_sums[r0:r1], self.col_sums).astype(np.float32)
+        sums = np.outer(self.row_sums[r0:r1], self.col_sums).astype(np.float32)
+        out = self.strip[:, :n] / sums
         np.clip(out, 0.0, 1.0, out=out)          # a weighted mean of values in [0, 1]; guards rounding
         v1 = self.tile.array[:, r0:r1]
         nodata = None if self.tile.nodata is None else self.tile.nodata[r0:r1]
+        valid = None if nodata is None else ~nodata
         if self.quality is not None:
-            self.quality.add(v1, out, None if nodata is None else ~nodata)
+            self.quality.add(v1, out, valid)
+        self.change.add(v1, out, valid)
         if nodata is not None:
             out[:, nodata] = np.nan                # no data in, no data out (SPEC 9)
         v1[...] = out
+        if self.std is not None:
+            spread = self.std[:, r0:r1]
+            np.divide(self.std_strip[:, :n], sums, out=spread)
+            if nodata is not None:
+                spread[:, nodata] = np.nan
         keep = self.strip.shape[1] - n            # rows the next window row has partly summed already
-        self.strip[:, :keep] = self.strip[:, n:]
-        self.strip[:, keep:] = 0.0
+        for strip in (self.strip, self.std_strip):
+            if strip is not None:
+                strip[:, :keep] = strip[:, n:]
+                strip[:, keep:] = 0.0
         self.row, self.in_row = i + 1, 0
 
     def result(self) -> tuple[np.ndarray, dict[str, float | None] | None]:
-        """The tile's opt_v2 (in its input's array, which it has replaced) and its quality."""
+        """The tile's opt_v2 (in its input's array, which it has replaced) and its quality; its std and
+        change stay in `std` and `change`."""
         if self.received != self.grid.count:
             raise RuntimeError(f"{self.tile.name}: {self.received} of {self.grid.count} windows")
-        self.strip = None
+        self.strip = self.std_strip = None
         return self.tile.array, None if self.quality is None else self.quality.finish()
 
 
@@ -322,14 +344,16 @@ class Assembler:
         self._open: dict[str, Assembly] = {}
 
     def add(self, windows: list[Window], outputs: list[np.ndarray], model_s: float,
-            cpu_fallback: list[bool]) -> Iterator[Assembly]:
-        """Blend each window in; yield the assemblies whose last window this was."""
-        for window, y, fallback in zip(windows, outputs, cpu_fallback, strict=True):
+            cpu_fallback: list[bool], stds: list[np.ndarray] | None = None) -> Iterator[Assembly]:
+        """Blend each window in (and its std, where `stds` has them); yield the assemblies whose last
+        window this was."""
+        spreads = stds if stds else [None] * len(windows)
+        for window, y, fallback, std in zip(windows, outputs, cpu_fallback, spreads, strict=True):
             name = window.tile.name
             asm = self._open.get(name)
             if asm is None:
-                asm = self._open[name] = Assembly(window.tile, window.grid, self.quality)
-            if asm.add(window.index, y, model_s, fallback):
+                asm = self._open[name] = Assembly(window.tile, window.grid, self.quality, std is not None)
+            if asm.add(window.index, y, model_s, fallback, std):
                 del self._open[name]
                 yield asm
 

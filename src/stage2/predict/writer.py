@@ -13,6 +13,9 @@ tiles it cannot write; any other write error fails that tile alone.
 Windows of a large tile are blended into its accumulator in the main thread as they arrive (in
 order, so the sum is the same in every run); the tile is written once, when its last window is in.
 A run killed before that leaves nothing of the tile on disk.
+
+With `tta` other than none each tile has a second layer, its std across the passes (`opt_v2_std`),
+and every tile's JSON has `processing.tta` and `confidence` (docs/confidence.md).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..conditioning import counts as conditioning_counts
 from ..formats.cog import CogSettings
-from ..product import OUTPUT_FORMATS, OUTPUT_KEY, output_metadata, write_output
+from ..product import OUTPUT_FORMATS, OUTPUT_KEY, STD_KEY, output_metadata, write_output
 from ..runtime import RunError, folder_problem, uses_amp
 from ..store import Store
-from ..tiles import Tile, TileError
+from ..tiles import BANDS, Tile, TileError
+from .confidence import TTA_MODES, ChangeSum, confidence
 from .module import Prediction
 from .summary import FIRST_FAILURES, TileRecord
 from .windows import Assembler, whole_tile
@@ -52,23 +57,28 @@ class Output:
     cpu_fallback: bool
     model_s: float              # this tile's share of model time
     windows: dict[str, Any]     # `processing.windows`
-    assembled: bool = False     # a windowed tile: no-data NaN already in, quality measured strip by strip
+    assembled: bool = False     # a windowed tile: no-data NaN already in, quality and change measured strip by strip
     quality: dict[str, float | None] | None = None
+    std: np.ndarray | None = None       # opt_v2_std (tta != none)
+    change: ChangeSum | None = None     # an assembled tile's |opt_v2 - opt_v1|
 
 
 class TileWriter(BasePredictionWriter):
     """Writes opt_v2 (NPZ, COG or both) + JSON per tile and `_stage2_failures.jsonl`; gathers the run's counts."""
 
     def __init__(self, *, store: Store, processing: dict[str, Any], quality: bool, threads: int,
-                 output_format: str, cog: Mapping[str, Any]) -> None:
+                 output_format: str, cog: Mapping[str, Any], tta: str) -> None:
         super().__init__(write_interval="batch")
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format={output_format!r}: use one of {list(OUTPUT_FORMATS)}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta={tta!r}: use one of {list(TTA_MODES)}")
         self.output_format = output_format
         self.cog = CogSettings(**cog)
         self.store = store
         self._world = 1
         self.processing = processing        # run-wide `processing` fields of the output JSON
+        self.processing["tta"] = tta        # in place: the run's summary reads the same record
         self.quality = quality
         self.threads = max(0, int(threads))   # 0: write in the main thread, between batches
         self.records: list[TileRecord] = []
@@ -149,11 +159,15 @@ class TileWriter(BasePredictionWriter):
     def _finished(self, pred: Prediction) -> list[Output]:
         """The batch's whole tiles, and the windowed tiles whose last window this batch brought."""
         n, share = len(pred.batch.tiles), pred.model_s / max(len(pred.outputs), 1)
-        done = [Output(t, y, fb, share, whole_tile(y.shape))
-                for t, y, fb in zip(pred.batch.tiles, pred.outputs[:n], pred.cpu_fallback[:n], strict=True)]
-        for asm in self.assembler.add(pred.batch.windows, pred.outputs[n:], share, pred.cpu_fallback[n:]):
+        stds = pred.stds or [None] * len(pred.outputs)
+        done = [Output(t, y, fb, share, whole_tile(y.shape), std=sd)
+                for t, y, fb, sd in zip(pred.batch.tiles, pred.outputs[:n], pred.cpu_fallback[:n], stds[:n],
+                                        strict=True)]
+        for asm in self.assembler.add(pred.batch.windows, pred.outputs[n:], share, pred.cpu_fallback[n:],
+                                      pred.stds[n:]):
             opt_v2, q = asm.result()
-            done.append(Output(asm.tile, opt_v2, asm.cpu_fallback, asm.model_s, asm.grid.describe(), True, q))
+            done.append(Output(asm.tile, opt_v2, asm.cpu_fallback, asm.model_s, asm.grid.describe(), True, q,
+                               asm.std, asm.change))
         return done
 
     def _write_outputs(self, outputs: list[Output], device: str) -> None:
@@ -162,8 +176,11 @@ class TileWriter(BasePredictionWriter):
             tile = o.tile
             try:
                 q = o.quality if o.assembled else self._quality(tile, o.opt_v2)
+                conf = self._confidence(tile, o)
                 if tile.nodata is not None and not o.assembled:
                     o.opt_v2[:, tile.nodata] = np.nan      # no data in, no data out (SPEC 9)
+                    if o.std is not None:
+                        o.std[:, tile.nodata] = np.nan
                 processing = {
                     **self.processing,
                     "input_file": str(tile.path),
@@ -174,10 +191,13 @@ class TileWriter(BasePredictionWriter):
                     "clipped_values": tile.clipped,
                     "masked_pixels": tile.masked,
                     "windows": o.windows,
+                    # what the model was given for month and biome, and whether it knew them (SPEC 6)
+                    **({"conditioning": tile.conditioning} if getattr(tile, "conditioning", None) else {}),
                 }
                 meta = output_metadata(_with_georef(tile), processing=processing, defaults=tile.defaults,
-                                       quality=q, timestamp=stamp)
-                georeferenced = write_output(self.store, tile.name, {OUTPUT_KEY: o.opt_v2}, meta, geo=tile.geo,
+                                       quality=q, timestamp=stamp, confidence=conf)
+                layers = {OUTPUT_KEY: o.opt_v2} if o.std is None else {OUTPUT_KEY: o.opt_v2, STD_KEY: o.std}
+                georeferenced = write_output(self.store, tile.name, layers, meta, geo=tile.geo,
                                              output_format=self.output_format, cog_settings=self.cog)
             except TileError as e:       # the COG cannot carry this tile's georeferencing
                 self._record_failure(tile.path, e.reason, e.hint)
@@ -189,10 +209,22 @@ class TileWriter(BasePredictionWriter):
                                      "rename the tile or its sub-folder if the name is the problem, "
                                      "else report it to the stage2 maintainers")
                 continue
+            unseen, missing = conditioning_counts(getattr(tile, "conditioning", None))
             rec = TileRecord(tile.name, bool(tile.defaults), tile.clipped > 0, bool(o.cpu_fallback),
-                             q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None, georeferenced)
+                             q["ndvi_rmse"] if q else None, q["edge_preservation"] if q else None, georeferenced,
+                             *_confidence_record(conf), unseen_conditions=unseen, missing_conditions=missing)
             with self._lock:
                 self.records.append(rec)
+
+    @staticmethod
+    def _confidence(tile: Tile, o: Output) -> dict[str, Any]:
+        """The tile's `confidence` over its valid pixels (before no-data NaN goes into a whole tile's layers)."""
+        valid = None if tile.nodata is None else ~tile.nodata
+        change = o.change
+        if change is None:
+            change = ChangeSum()
+            change.add(tile.array, o.opt_v2, valid)
+        return confidence(change, o.std, valid)
 
     def _quality(self, tile: Tile, opt_v2: np.ndarray) -> dict[str, float | None] | None:
         """Quality of the valid pixels (masked ones are filled values, not data)."""
@@ -229,6 +261,14 @@ def _with_georef(tile: Tile) -> dict[str, Any]:
     if tile.geo is None or "crs" in tile.meta:
         return tile.meta
     return {**tile.meta, "crs": tile.geo.crs, "transform": list(tile.geo.transform)}
+
+
+def _confidence_record(conf: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A TileRecord's std means and 95th percentiles (per band, None without a std) and mean change."""
+    if BANDS[0] not in conf:
+        return None, None, conf["mean_abs_change"]
+    return (tuple(conf[b]["std_mean"] for b in BANDS), tuple(conf[b]["std_p95"] for b in BANDS),
+            conf["mean_abs_change"])
 
 
 def first_failures(failures: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -84,6 +84,10 @@ class Store(ABC):
     # rerun need not fetch every JSON. Worth it where each read is a request; a local folder reads
     # its JSONs faster than it would keep the cache in step, and holds only outputs and run files.
     keeps_index: bool
+    # Whether a listed object is whole by construction. In an object store an object appears only
+    # when its upload completes; a local file can be cut short or replaced after its rename (disk
+    # damage, a user's copy), so a rerun reads its header before trusting it.
+    listed_means_whole: bool
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({safe_url(self.url)!r})"

@@ -24,6 +24,7 @@ class LocalStore(Store):
 
     local = True
     keeps_index = False
+    listed_means_whole = False
 
     def __init__(self, location: str | os.PathLike) -> None:
         text = str(location)

@@ -62,6 +62,7 @@ class BucketStore(Store):
 
     local = False
     keeps_index = True
+    listed_means_whole = True
 
     def __init__(self, location: str) -> None:
         self.url = str(location).rstrip("/")

@@ -44,6 +44,9 @@ BEST_PT = "stage2_refiner.pt"
 SUMMARY_FILE = "train_summary.json"
 VAL_KEYS = ("val_loss", "val_rmse_in", "val_rmse_out", "val_ndvi_rmse_in", "val_ndvi_rmse_out",
             "val_psnr_in", "val_psnr_out")
+# The spread beside the means (stage2.train.scores): read where the log has them.
+SPREAD_KEYS = ("val_ratio_median", "val_ratio_worst", "val_tiles_worse", "val_rmse_pooled_in",
+               "val_rmse_pooled_out", "val_clean_change_mean", "val_clean_change_worst")
 # Expected notes: our sampler is rank-aware itself.
 EXPECTED_WARNINGS = (".*LeafSpec.*", ".*does not have many workers.*", ".*across ranks is zero.*")
 
@@ -176,25 +179,41 @@ def export(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, run_d
     return best, out
 
 
-def summarise(trainer: L.Trainer, dm: Any, best: str, out: Path, run_dir: Path, t0: float,
-              accelerator: str, precision: str) -> None:
+def validation_lines(score: dict[str, float], n_tiles: int) -> list[str]:
+    """The held-out figures, the spread first: median and worst per-tile ratio, tiles made worse, pooled RMSE,
+    clean tiles moved; then the means."""
+    lines = []
+    if "val_ratio_median" in score:
+        lines.append(f"validation ({n_tiles} held-out tiles, best epoch): RMSE(output)/RMSE(input) per tile median "
+                     f"x{score['val_ratio_median']:.3f}, worst x{score['val_ratio_worst']:.3f}, "
+                     f"{score['val_tiles_worse']:.0f} worse by > 2 %; pooled RMSE {score['val_rmse_pooled_in']:.4f} -> "
+                     f"{score['val_rmse_pooled_out']:.4f}")
+    if "val_clean_change_mean" in score:
+        lines.append(f"  clean held-out tiles moved by RMSE {score['val_clean_change_mean']:.4f} on average, "
+                     f"{score['val_clean_change_worst']:.4f} at worst")
+    lines.append(f"  means over tiles: RMSE {score['val_rmse_in']:.4f} -> {score['val_rmse_out']:.4f}, NDVI RMSE "
+                 f"{score['val_ndvi_rmse_in']:.4f} -> {score['val_ndvi_rmse_out']:.4f}, PSNR "
+                 f"{score['val_psnr_in']:.2f} -> {score['val_psnr_out']:.2f} dB")
+    return lines
+
+
+def summarise(trainer: L.Trainer, dm: Any, module: L.LightningModule, best: str, out: Path, run_dir: Path,
+              t0: float, accelerator: str, precision: str) -> None:
     """Print the result (with the held-out validation figures) and save train_summary.json."""
     lines = [f"stage2 training done in {time.perf_counter() - t0:.0f} s: {trainer.global_step} steps, "
              f"{trainer.current_epoch} epochs, {len(dm.train_sources)} training tiles, "
              f"{len(dm.val_sources)} validation tiles, {precision} on {accelerator}"]
     score = best_scores(Path(trainer.logger.log_dir) / "metrics.csv")
     if score:
-        lines.append(f"validation (held-out tiles, best epoch): RMSE {score['val_rmse_in']:.4f} -> "
-                     f"{score['val_rmse_out']:.4f}, NDVI RMSE {score['val_ndvi_rmse_in']:.4f} -> "
-                     f"{score['val_ndvi_rmse_out']:.4f}, PSNR {score['val_psnr_in']:.2f} -> "
-                     f"{score['val_psnr_out']:.2f} dB")
+        lines += validation_lines(score, len(dm.val_sources))
     lines += [f"Lightning checkpoint: {best or '(none)'}", f"Stage 2 checkpoint: {out}",
               f"metrics: {trainer.logger.log_dir}/metrics.csv"]
     print("\n".join(lines))
     summary = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch),
                "wall_s": round(time.perf_counter() - t0, 1), "device": accelerator, "precision": precision,
                "train_tiles": [s.name for s in dm.train_sources], "val_tiles": [s.name for s in dm.val_sources],
-               "best_validation": score, "lightning_checkpoint": best or None, "stage2_checkpoint": str(out)}
+               "best_validation": score, "conditioning": module.model.conditioning,
+               "lightning_checkpoint": best or None, "stage2_checkpoint": str(out)}
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
@@ -209,7 +228,7 @@ def best_scores(metrics_csv: Path) -> dict[str, float] | None:
     if not rows:
         return None
     best = min(rows, key=lambda r: float(r["val_loss"]))
-    return {k: float(best[k]) for k in VAL_KEYS}
+    return {k: float(best[k]) for k in (*VAL_KEYS, *SPREAD_KEYS) if best.get(k) not in (None, "")}
 
 
 def run(cfg: DictConfig) -> int:
@@ -234,13 +253,13 @@ def _steps(cfg: DictConfig) -> int:
         raise RunError(f"data.crop={dm.crop} is not a multiple of the model's patch size {model.patch_size}")
     module = RefinerTrainModule(model, loss=OmegaConf.to_container(cfg.loss, resolve=True),
                                 optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                                pretrained_path=cfg.model.get("pretrained_path"))
+                                pretrained_path=cfg.model.get("pretrained_path"), conditioning=dm.condition_record())
     callbacks = build_callbacks(cfg, run_dir, bool(dm.val_sources))
     trainer = fit(cfg, module, dm, callbacks, run_dir, accelerator, precision, resume)
     if not trainer.is_global_zero:
         return 0
     best, out = export(cfg, trainer, module, run_dir)
-    summarise(trainer, dm, best, out, run_dir, t0, accelerator, precision)
+    summarise(trainer, dm, module, best, out, run_dir, t0, accelerator, precision)
     return 0
 
 

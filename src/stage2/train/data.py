@@ -17,6 +17,11 @@ of the pair); every crop and every degradation is drawn from a Generator seeded 
 not depend on the worker count. Validation uses whole held-out tiles (a fixed share of each
 source, chosen by a seeded shuffle of the tile names), each degraded once with `val_seed`.
 Tiles are read from disk when sampled (nothing is cached), so a large folder does not fill RAM.
+
+Conditions: a tile whose sidecar has no month trains the learned "unknown" month (0), not the
+June predict writes for it; `month_dropout` / `biome_dropout` replace a training crop's month /
+biome by "unknown" (0) with that probability, so the model also learns to refine without them
+(SPEC 6). `condition_record` is what the checkpoint records of the months and biomes trained on.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..checkpoint import conditioning_record
+from ..conditioning import UNKNOWN_BIOME, UNKNOWN_MONTH
 from ..tiles import INPUT_KEY, MIN_SIDE, TileError, _load_array, discover, read_sidecar, validate_array
 from .degrade import Params, degrade, load_params, tile_seed
 
@@ -54,7 +61,7 @@ class PairSource:
     simulated: bool
     height: int
     width: int
-    month: int
+    month: int          # 1-12, or UNKNOWN_MONTH (0) where the sidecar has none
     biome: int
 
     @property
@@ -118,9 +125,10 @@ def scan(folder: str | Path, simulated: bool) -> list[PairSource]:
     for f in files:
         arr = read_truth(f) if simulated else read_pair(f)[0]
         try:
-            _, month, biome, _ = read_sidecar(f)
+            _, month, biome, defaults = read_sidecar(f)
         except TileError as e:
             raise PairError(f"{f}: {e.reason} ({e.hint})") from None
+        month = UNKNOWN_MONTH if "month" in defaults else month
         out.append(PairSource(f, simulated, int(arr.shape[1]), int(arr.shape[2]), month, biome))
     return out
 
@@ -175,6 +183,14 @@ def checked_real_weight(value: Any) -> float | None:
     return w
 
 
+def checked_share(value: Any, key: str) -> float:
+    """A probability setting as a float in [0, 1]; ValueError naming the key otherwise."""
+    p = float(value)
+    if not 0 <= p <= 1:
+        raise ValueError(f"{key} must be in [0, 1] (a probability), got {p}")
+    return p
+
+
 def sampling_weights(sources: Sequence[PairSource], real_weight: float | None) -> np.ndarray:
     """Each tile's chance to give a training crop: by area; with `real_weight` w, real pairs together
     get w and simulated tiles 1 - w (each by area within its side) when both kinds are present."""
@@ -194,7 +210,7 @@ class RandomCropPairs(Dataset):
     """
 
     def __init__(self, sources: Sequence[PairSource], crop: int, seed: int, params: Params,
-                 real_weight: float | None = None) -> None:
+                 real_weight: float | None = None, month_dropout: float = 0.0, biome_dropout: float = 0.0) -> None:
         if not sources:
             raise ValueError("no training tiles")
         self.sources = list(sources)
@@ -202,6 +218,7 @@ class RandomCropPairs(Dataset):
         self.seed = int(seed)
         self.params = params
         self.weights = sampling_weights(self.sources, real_weight)
+        self.month_dropout, self.biome_dropout = float(month_dropout), float(biome_dropout)
 
     def source_at(self, index: int) -> PairSource:
         """The tile sample `index` is cut from (the first draw of its Generator, as __getitem__ does)."""
@@ -227,12 +244,22 @@ class RandomCropPairs(Dataset):
             y, x = _crop_window(rng, v1.shape[1], v1.shape[2], self.crop)
             v1, target = v1[:, y:y + self.crop, x:x + self.crop], target[:, y:y + self.crop, x:x + self.crop]
         v1, target = _augment([v1, target], rng)
+        # drawn last, both coins always: the crop and its errors do not depend on the dropout settings
+        drop_month, drop_biome = rng.random() < self.month_dropout, rng.random() < self.biome_dropout
         return {"opt_v1": torch.from_numpy(v1), "target": torch.from_numpy(target),
-                "month": torch.tensor(src.month, dtype=torch.long), "biome": torch.tensor(src.biome, dtype=torch.long)}
+                "month": _long(UNKNOWN_MONTH if drop_month else src.month),
+                "biome": _long(UNKNOWN_BIOME if drop_biome else src.biome),
+                "clean": torch.tensor(bool(np.array_equal(v1, target)))}
+
+
+def _long(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.long)
 
 
 class WholeTilePairs(Dataset):
-    """Validation: every held-out tile whole, degraded once (seeded by val_seed and the tile's name)."""
+    """Validation: every held-out tile whole, degraded once (seeded by val_seed and the tile's name),
+    then every one of them clean (its truth as the input: how far the refiner moves a tile that needs
+    nothing). Items carry `clean` to tell the two apart."""
 
     def __init__(self, sources: Sequence[PairSource], seed: int, params: Params) -> None:
         self.sources = list(sources)
@@ -240,14 +267,18 @@ class WholeTilePairs(Dataset):
         self.params = params
 
     def __len__(self) -> int:
-        return len(self.sources)
+        return 2 * len(self.sources)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        src = self.sources[index]
-        v1, target = load_pair(src, self.seed, self.params)
+        src = self.sources[index % len(self.sources)]
+        clean = index >= len(self.sources)
+        if clean:
+            target = read_truth(src.path) if src.simulated else read_pair(src.path)[1]
+            v1 = target
+        else:
+            v1, target = load_pair(src, self.seed, self.params)
         return {"opt_v1": torch.from_numpy(v1), "target": torch.from_numpy(target),
-                "month": torch.tensor(src.month, dtype=torch.long), "biome": torch.tensor(src.biome, dtype=torch.long),
-                "name": src.name}
+                "month": _long(src.month), "biome": _long(src.biome), "name": src.name, "clean": clean}
 
 
 class EpochSampler(Sampler[int]):
@@ -282,7 +313,7 @@ class PairDataModule(L.LightningDataModule):
     def __init__(self, *, pairs_dir: str | Path | None, optical_dir: str | Path | None, crop: int, batch_size: int,
                  samples_per_epoch: int, val_fraction: float, seed: int, val_seed: int,
                  degrade: Mapping[str, Any] | Params, num_workers: int, pin_memory: bool,
-                 real_weight: float | None) -> None:
+                 real_weight: float | None, month_dropout: float = 0.0, biome_dropout: float = 0.0) -> None:
         """Settings from conf/train.yaml's `data` and `degrade` (the app checks crop against the patch size)."""
         super().__init__()
         if pairs_dir in (None, "") and optical_dir in (None, ""):
@@ -298,6 +329,8 @@ class PairDataModule(L.LightningDataModule):
         self.seed, self.val_seed = int(seed), int(val_seed)
         self.params = degrade if not isinstance(degrade, Mapping) else load_params(degrade)
         self.real_weight = checked_real_weight(real_weight)
+        self.month_dropout = checked_share(month_dropout, "data.month_dropout")
+        self.biome_dropout = checked_share(biome_dropout, "data.biome_dropout")
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.train_sources: list[PairSource] = []
         self.val_sources: list[PairSource] = []
@@ -314,6 +347,12 @@ class PairDataModule(L.LightningDataModule):
         log.info("training on %d tiles, validating on %d held-out tiles (%s)", len(self.train_sources),
                  len(self.val_sources), ", ".join(s.name for s in self.val_sources) or "none")
 
+    def condition_record(self) -> dict[str, Any]:
+        """The checkpoint's record of the conditions trained on: the training tiles' known months and their biomes."""
+        return conditioning_record([s.month for s in self.train_sources if s.month != UNKNOWN_MONTH],
+                                   [s.biome for s in self.train_sources],
+                                   month_dropout=self.month_dropout, biome_dropout=self.biome_dropout)
+
     def _rank(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
@@ -322,7 +361,8 @@ class PairDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         return DataLoader(
-            RandomCropPairs(self.train_sources, self.crop, self.seed, self.params, self.real_weight),
+            RandomCropPairs(self.train_sources, self.crop, self.seed, self.params, self.real_weight,
+                            self.month_dropout, self.biome_dropout),
             batch_size=self.batch_size, sampler=EpochSampler(self.samples_per_epoch, rank, world),
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False, drop_last=True)

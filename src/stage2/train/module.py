@@ -14,8 +14,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..checkpoint import FORMAT_VERSION, MARKER
+from ..checkpoint import CONDITIONING_KEY, FORMAT_VERSION, MARKER
 from ..quality import compare
+from .scores import tile_errors, validation_scores
 
 log = logging.getLogger("stage2")
 
@@ -41,11 +42,14 @@ class RefinerTrainModule(L.LightningModule):
     with the Stage 2 marker, so its Lightning `.ckpt` files are Stage 2 checkpoints (checkpoint.py)."""
 
     def __init__(self, model: torch.nn.Module, *, loss: Mapping[str, Any], optim: Mapping[str, Any],
-                 pretrained_path: str | None) -> None:
+                 pretrained_path: str | None, conditioning: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
-        self.loss_cfg = dict(loss)      # l1_weight, ndvi_weight, ndvi_floor (conf/train.yaml)
+        self.loss_cfg = {"clean_weight": 0.0, **loss}   # l1_weight, ndvi_weight, ndvi_floor, clean_weight
         self.optim_cfg = dict(optim)    # lr, weight_decay, warmup_steps, min_lr_ratio
+        # The months and biomes trained on (stage2.checkpoint.conditioning_record): in every .ckpt and .pt.
+        model.conditioning = None if conditioning is None else dict(conditioning)
+        self._val_tiles: list[dict[str, Any]] = []
         # Plain python types only: torch.load(weights_only=True) must read the .ckpt.
         self.save_hyperparameters({
             MARKER: FORMAT_VERSION,
@@ -53,6 +57,7 @@ class RefinerTrainModule(L.LightningModule):
             "loss": {k: float(v) for k, v in self.loss_cfg.items()},
             "optim": {k: float(v) for k, v in self.optim_cfg.items()},
             "pretrained_path": None if pretrained_path is None else str(pretrained_path),
+            CONDITIONING_KEY: model.conditioning,
         })
 
     def forward(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
@@ -75,27 +80,58 @@ class RefinerTrainModule(L.LightningModule):
         nd = (ndvi_torch(out, floor) - ndvi_torch(target, floor)).abs().mean()
         return self.loss_cfg["l1_weight"] * l1 + self.loss_cfg["ndvi_weight"] * nd, l1, nd
 
+    def clean_penalty(self, out: torch.Tensor, v1: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
+        """Mean |correction| of the batch's clean samples (input = truth), counted over the whole batch.
+
+        On a clean sample the L1 loss already is |correction|; `loss.clean_weight` adds this much more
+        of it, so a correction the input does not need costs more than a missed one.
+        """
+        if clean is None or not self.loss_cfg["clean_weight"]:
+            return out.new_zeros(())
+        change = (out.float() - v1.float()).abs().mean(dim=(1, 2, 3))
+        return (change * clean.float()).mean()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model(batch["opt_v1"], batch["month"], batch["biome"])
         loss, l1, nd = self.compute_loss(out, batch["target"])
+        penalty = self.clean_penalty(out, batch["opt_v1"], batch.get("clean"))
+        loss = loss + self.loss_cfg["clean_weight"] * penalty
         n = batch["opt_v1"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({"train_l1": l1, "train_ndvi_l1": nd}, batch_size=n)
+        self.log_dict({"train_l1": l1, "train_ndvi_l1": nd, "train_clean_change": penalty}, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """A held-out tile, degraded (loss and scores) or clean (how far the refiner moves it)."""
         v1, target = batch["opt_v1"], batch["target"]
         out = self.model(v1, batch["month"], batch["biome"])
+        truth, inp, res = (a[0].float().cpu().numpy() for a in (target, v1, out))
+        clean = bool(batch.get("clean", [False])[0])
+        self._val_tiles.append({"clean": clean, **tile_errors(truth, inp, res)})
+        if clean:
+            return
         loss, _, _ = self.compute_loss(out, target)
         self.log("val_loss", loss, prog_bar=True, batch_size=1, sync_dist=True)
-        truth = target[0].float().cpu().numpy()
-        scores = {"in": compare(truth, v1[0].float().cpu().numpy()),
-                  "out": compare(truth, out[0].float().cpu().numpy())}
+        scores = {"in": compare(truth, inp), "out": compare(truth, res)}
         for side, metrics in scores.items():
             for name, value in metrics.items():
                 if value is not None and math.isfinite(value):
                     self.log(f"val_{name}_{side}", float(value), batch_size=1, sync_dist=True,
                              prog_bar=name == "rmse")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_tiles = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Beside the means: pooled RMSE, the median and worst per-tile ratio, tiles worse by > 2 %,
+        and how far clean tiles moved (stage2.train.scores), over every rank's tiles."""
+        tiles = self._val_tiles
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, tiles)
+            tiles = [t for part in parts for t in part]
+        for name, value in validation_scores(tiles).items():
+            self.log(name, float(value), batch_size=1, rank_zero_only=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (no weight decay on biases, norms and embeddings), linear warm-up, cosine decay."""
