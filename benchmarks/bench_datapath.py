@@ -1,13 +1,21 @@
-"""The data path's ceiling (issue 16): the predict pipeline with the model replaced by an identity.
+"""The data path's ceiling: the predict pipeline with the model replaced by an identity.
 
 Everything else is the real run, in-process through the composed conf/predict.yaml: discovery, reading
 and validating each tile, padding and collation, the size-bucketing sampler, DataLoader workers, the
-writer (atomic NPZ then JSON) and the per-tile quality metrics. What it prints is how many tiles per
-second the CPU side can feed and write, per size and per number of DataLoader workers and writer
-threads, and that figure per core used, so a GPU user knows how many cores keep a GPU busy.
+writer (atomic NPZ then JSON), the change statistics and the per-tile quality metrics. What it prints:
+
+- per size, the per-metric costs of the quality metrics (ms per tile, SPEC 7) in their reference form
+  (`stage2.quality.reference_*`, the definition) and in the CPU form the writer uses, measured side
+  by side on the same real tiles, with the largest difference between the two;
+- per size and number of DataLoader workers and writer threads, the steady tiles/s with quality on,
+  off and on in its reference form, side by side (the modes alternate within each round), and that
+  figure per core used, so a GPU user knows how many cores keep a GPU busy. Without DataLoader
+  workers the process does all the work, and the same steady span is also measured in its CPU time
+  (tiles per CPU second): the figure other jobs on shared cores change least.
 
 usage: python benchmarks/bench_datapath.py [--sizes 120 256] [--count 200] [--workers 0 1 2]
-       [--writer-threads 0 1 2] [--batch-size 16] [--no-quality] [--repeat 2]
+       [--writer-threads 0 1 2] [--batch-size 16] [--quality on off reference] [--repeat 3]
+       [--metric-rounds 7] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -21,12 +29,16 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import make_tiles  # noqa: E402  (the same real Sentinel-2 crops as bench_predict)
+
+QUALITY_MODES = ("on", "off", "reference")
 
 
 class Identity(torch.nn.Module):
@@ -59,24 +71,122 @@ def compose(overrides: list[str], run_dir: Path):
     return cfg
 
 
+@contextlib.contextmanager
+def quality_form(mode: str):
+    """The writer's `tile_quality` (looked up at each call) replaced by the reference for mode 'reference'."""
+    from stage2 import quality
+
+    fast = quality.tile_quality
+    if mode == "reference":
+        quality.tile_quality = quality.reference_tile_quality
+    try:
+        yield
+    finally:
+        quality.tile_quality = fast
+
+
+@contextlib.contextmanager
+def cpu_marks(marks: list[tuple[int, float]]):
+    """Appends (tiles so far, process CPU time) after each batch the writer takes."""
+    from stage2.predict.writer import TileWriter
+
+    real = TileWriter.write_on_batch_end
+
+    def marked(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        marks.append((sum(n for _, n in self.batch_marks), time.process_time()))
+
+    TileWriter.write_on_batch_end = marked
+    try:
+        yield
+    finally:
+        TileWriter.write_on_batch_end = real
+
+
+def cpu_steady(marks: list[tuple[int, float]]) -> float | None:
+    """Tiles per CPU second after the first two batches (the span the summary's steady figure uses)."""
+    if len(marks) < 3 or marks[-1][1] <= marks[1][1]:
+        return None
+    return (marks[-1][0] - marks[1][0]) / (marks[-1][1] - marks[1][1])
+
+
 def one_run(tiles: Path, out: Path, ckpt: Path, workers: int, writers: int, batch: int,
-            quality: bool) -> tuple[float, float]:
-    """(steady tiles/s as the summary measures it, whole-run tiles/s) of one in-process run, identity model."""
+            mode: str) -> tuple[float, float, float | None]:
+    """(steady tiles/s as the summary measures it, whole-run tiles/s, steady tiles per CPU second of the
+    process) of one in-process run, identity model."""
     from stage2.predict import app
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = compose([f"checkpoint={ckpt}", f"input_dir={tiles}", f"output_dir={out}", "hardware=cpu",
                    f"num_workers={workers}", f"writer_threads={writers}", f"batch_size={batch}",
-                   f"quality={str(quality).lower()}", "precision=32", "trainer.enable_progress_bar=false"],
+                   f"quality={str(mode != 'off').lower()}", "tta=none", "precision=32",
+                   "trainer.enable_progress_bar=false"],
                   out.parent / "run")
+    marks: list[tuple[int, float]] = []
     t = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), quality_form(mode), cpu_marks(marks):
         code = app.run(cfg)
     wall = time.perf_counter() - t
     if code != 0:
         raise RuntimeError(f"predict exited {code}")
     summary = json.loads((out / "_stage2_summary.json").read_text())
-    return summary["tiles_per_s"], summary["processed"] / wall
+    return summary["tiles_per_s"], summary["processed"] / wall, cpu_steady(marks)
+
+
+def metric_forms() -> dict[str, tuple[Callable, Callable]]:
+    """Per metric: (reference form, CPU form), each called as f(v1, v2)."""
+    from stage2 import quality as q
+
+    return {"Sobel magnitude, one band": (lambda a, b: q.sobel_magnitude(a[q.NIR]),
+                                          lambda a, b: q._sobel_fast(a[q.NIR])),
+            "ndvi_rmse": (q.reference_ndvi_rmse, q.ndvi_rmse),
+            "edge_preservation": (q.reference_edge_preservation, q.edge_preservation),
+            "tile_quality (both)": (q.reference_tile_quality, q.tile_quality)}
+
+
+def metric_costs(tiles: Path, rounds: int, distinct: int = 32) -> list[dict]:
+    """ms per tile of each metric's two forms, alternated call by call over `distinct` real tiles.
+
+    Timed with the calling thread's CPU time (time.thread_time), so that other jobs on shared cores do
+    not count; each figure is the best round. The tiles are distinct (about 2 MiB per pair), so they
+    come from memory as in the pipeline, not from the cache of the previous call. v2 is v1 with
+    reflectance noise of 0.005, as a refinement changes a tile.
+    """
+    from stage2 import quality as q
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for f in sorted(tiles.glob("*.npz"))[:distinct]:
+        v1 = np.load(f)["opt_v1"]
+        pairs.append((v1, np.clip(v1 + rng.normal(0, 0.005, v1.shape).astype(np.float32), 0, 1)))
+    rows = []
+    for name, (old, new) in metric_forms().items():
+        best = [float("inf"), float("inf")]
+        for _ in range(rounds):
+            spent = [0.0, 0.0]
+            for v1, v2 in pairs:
+                for i, f in enumerate((old, new)):
+                    t = time.thread_time()
+                    f(v1, v2)
+                    spent[i] += time.thread_time() - t
+            best = [min(b, s / len(pairs)) for b, s in zip(best, spent, strict=True)]
+        rows.append({"metric": name, "reference_ms": 1e3 * best[0], "cpu_form_ms": 1e3 * best[1]})
+    diff = 0.0
+    for v1, v2 in pairs:
+        a, b = q.reference_tile_quality(v1, v2), q.tile_quality(v1, v2)
+        diff = max([diff] + [abs(a[k] - b[k]) for k in a if a[k] is not None and b[k] is not None])
+    rows.append({"metric": "largest |reference - CPU form| over the tiles", "value": diff})
+    return rows
+
+
+def print_costs(size: int, rows: list[dict]) -> None:
+    print(f"  {size} px, ms per tile (best of rounds, thread CPU time)   reference   CPU form   ratio")
+    for r in rows:
+        if "value" in r:
+            print(f"    {r['metric']:<47s} {r['value']:.1e}")
+            continue
+        ratio = r["reference_ms"] / r["cpu_form_ms"]
+        print(f"    {r['metric']:<47s} {r['reference_ms']:9.3f}  {r['cpu_form_ms']:9.3f}  {ratio:6.2f}x")
 
 
 def main() -> None:
@@ -86,8 +196,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--writer-threads", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--no-quality", action="store_true")
-    ap.add_argument("--repeat", type=int, default=2, help="best of this many runs per setting")
+    ap.add_argument("--quality", nargs="+", choices=QUALITY_MODES, default=list(QUALITY_MODES),
+                    help="pipeline modes, alternated within each round: quality on (the CPU form), off, "
+                         "and on in the reference form")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per setting; each figure is the best")
+    ap.add_argument("--metric-rounds", type=int, default=7, help="rounds of the per-metric costs (0: skip)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -99,24 +212,38 @@ def main() -> None:
     ckpt = work / "identity.pt"
     ckpt.write_bytes(b"")                                        # plan() only checks that it exists
     cores = os.cpu_count() or 1
-    print(f"data path, identity model: {args.count} tiles per size, batch {args.batch_size}, quality "
-          f"{not args.no_quality}, {cores} CPUs; best of {args.repeat} runs")
-    results = []
+    print(f"data path, identity model: {args.count} tiles per size, batch {args.batch_size}, tta none, "
+          f"{cores} CPUs; best of {args.repeat} rounds, quality modes {' / '.join(args.quality)} alternated")
+    results: dict[str, list] = {"metric_costs": [], "pipeline": []}
     for size in args.sizes:
         tiles = work / f"tiles_{size}"
         shutil.rmtree(tiles, ignore_errors=True)
         make_tiles(tiles, size, args.count)
+        if args.metric_rounds > 0:
+            rows = metric_costs(tiles, args.metric_rounds)
+            print_costs(size, rows)
+            results["metric_costs"].append({"size": size, "rows": rows})
         for w in args.workers:
             for t in args.writer_threads:
-                runs = [one_run(tiles, work / "out", ckpt, w, t, args.batch_size, not args.no_quality)
-                        for _ in range(args.repeat)]
-                steady, whole = max(r[0] for r in runs), max(r[1] for r in runs)
+                runs: dict[str, list[tuple[float, float, float | None]]] = {m: [] for m in args.quality}
+                for _ in range(args.repeat):
+                    for m in args.quality:
+                        runs[m].append(one_run(tiles, work / "out", ckpt, w, t, args.batch_size, m))
                 used = min(cores, 1 + w + t)        # main process + workers + writer threads, at most the CPUs
-                results.append({"size": size, "workers": w, "writer_threads": t, "steady_tiles_per_s": steady,
-                                "whole_run_tiles_per_s": whole, "cores_used": used,
-                                "steady_tiles_per_s_per_core": steady / used})
-                print(f"  {size:4d} px  workers {w}  writer threads {t}   steady {steady:7.1f} tiles/s "
-                      f"({steady / used:6.1f} per core, {used} used)   whole run {whole:7.1f} tiles/s", flush=True)
+                row = {"size": size, "workers": w, "writer_threads": t, "cores_used": used}
+                for m, r in runs.items():
+                    cpu = [x[2] for x in r if x[2] is not None] if w == 0 else []
+                    row[m] = {"steady_tiles_per_s": max(x[0] for x in r), "whole_run_tiles_per_s": max(x[1] for x in r),
+                              "steady_tiles_per_s_per_core": max(x[0] for x in r) / used,
+                              "steady_tiles_per_cpu_s": max(cpu) if cpu else None,
+                              "rounds_steady": [x[0] for x in r], "rounds_per_cpu_s": cpu}
+                results["pipeline"].append(row)
+                print(f"  {size:4d} px  workers {w}  writer threads {t}  ({used} cores used)")
+                for m in args.quality:
+                    cpu = row[m]["steady_tiles_per_cpu_s"]
+                    print(f"      quality {m:<9s}  steady {row[m]['steady_tiles_per_s']:7.1f} tiles/s, "
+                          f"{row[m]['steady_tiles_per_s_per_core']:6.1f} per core"
+                          + (f";  {cpu:6.1f} tiles per CPU second" if cpu else ""), flush=True)
     (work / "datapath_result.json").write_text(json.dumps(results, indent=2))
     print(f"results: {work / 'datapath_result.json'}")
 

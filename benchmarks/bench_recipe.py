@@ -13,7 +13,8 @@ stage2.conditioning):
   `--seeds` the training never uses: per (tile, seed) the ratio RMSE(opt_v2) / RMSE(opt_v1) to the
   truth: median, worst, how many are worse by more than 2 %, and the pooled RMSE (all pixels);
 - **clean** (the truth as the input), whole and as a 64 px centre crop (EuroSAT's patch size): how
-  far the refiner moves a tile that needs nothing (RMSE between opt_v2 and opt_v1), mean and worst.
+  far the refiner moves a tile that needs nothing (RMSE between opt_v2 and opt_v1): mean over the
+  whole tiles, worst over whole tiles and crops.
 
 `--leave-out PREFIX` trains without the training tiles whose names start with PREFIX (a copy of
 examples/train_optical without them) and scores every tile of that source too: a source never seen.
@@ -116,15 +117,13 @@ def score(pt: Path, tiles: list, seeds: list[int]) -> dict:
     model = stage2.load_model(pt).eval()
     cond = Conditioner.of(model.conditioning)
     params = load_config("translator")
-    ratios, sse_in, sse_out, n, worst_tile = [], 0.0, 0.0, 0, ""
+    per_sample, sse_in, sse_out, n = {}, 0.0, 0.0, 0
     for seed in seeds:
         for t in tiles:
             v1 = degrade(t.array, tile_seed(seed, t.name), params)
             v2 = refine(model, cond, v1, t)
             r_in, r_out = _rmse(t.array, v1), _rmse(t.array, v2)
-            ratios.append(r_out / r_in)
-            if r_out / r_in >= max(ratios):
-                worst_tile = t.name
+            per_sample[f"{t.name}@{seed}"] = r_out / r_in
             sse_in += r_in ** 2 * t.array.size
             sse_out += r_out ** 2 * t.array.size
             n += t.array.size
@@ -135,12 +134,13 @@ def score(pt: Path, tiles: list, seeds: list[int]) -> dict:
         y, x = (h - CROP) // 2, (w - CROP) // 2
         crop = np.ascontiguousarray(t.array[:, y:y + CROP, x:x + CROP])
         clean[f"{t.name}[64px]"] = _rmse(crop, refine(model, cond, crop, t))
-    r = np.array(ratios)
+    r = np.array(list(per_sample.values()))
     worst_clean = max(clean, key=clean.get)
     return {"tiles": len(tiles), "samples": len(r), "median": float(np.median(r)), "worst": float(r.max()),
-            "worst_tile": worst_tile, "worse": int((r > WORSE).sum()), "pooled_in": (sse_in / n) ** 0.5,
+            "worst_tile": max(per_sample, key=per_sample.get), "ratios": per_sample,
+            "worse": int((r > WORSE).sum()), "pooled_in": (sse_in / n) ** 0.5,
             "pooled_out": (sse_out / n) ** 0.5,
-            "clean_mean": float(np.mean(list(clean.values()))), "clean_worst": clean[worst_clean],
+            "clean_mean": float(np.mean([clean[t.name] for t in tiles])), "clean_worst": clean[worst_clean],
             "clean_worst_tile": worst_clean, "clean": clean}
 
 

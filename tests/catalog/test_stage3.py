@@ -13,7 +13,7 @@ import pytest
 import rasterio
 
 from handoff_helpers import CRS, offline_stac_validation, transform_at
-from helpers import make_tile
+from helpers import compose_app, make_tile
 from stage2.handoff import COLLECTION_KEY, TERRATORCH_FILE, TILES_FILE, rebuild
 
 # slow: a predict run per test; library notices about Affine's `*` are not ours
@@ -21,14 +21,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::PendingDepre
 NAN_ROWS = 8
 
 
-@pytest.fixture
-def run_outputs(tmp_path: Path, cfg_predict) -> Path:
+@pytest.fixture(scope="module")
+def run_outputs(tmp_path_factory, tiny_ckpt) -> Path:
     """A real predict run (tiny seeded checkpoint, fp32, CPU) over three georeferenced 64 px tiles, one with
     a strip of no data (NaN, nan_policy=mask), written as COGs; then its hand-off files (rebuilt: the same
-    files a run's end writes)."""
+    files a run's end writes). Once for the module: the tests only read it."""
     from stage2.predict.app import run
 
-    inp = tmp_path / "in"
+    tmp = tmp_path_factory.mktemp("stage3")
+    inp, out = tmp / "in", tmp / "out"
     for i, name in enumerate(("t0", "t1", "t2")):
         meta = {"month": 6, "biome_code": 4, "tile_id": name, "acquired": f"2021-07-0{i + 1}T10:00:00Z",
                 "crs": CRS, "transform": transform_at(64 * i, 0)}
@@ -36,11 +37,9 @@ def run_outputs(tmp_path: Path, cfg_predict) -> Path:
         if name == "t1":
             arr[:, :NAN_ROWS] = np.nan
             np.savez(inp / f"{name}.npz", opt_v1=arr)
-    cfg_predict.output_format = "cog"
-    cfg_predict.nan_policy = "mask"
-    cfg_predict.batch_size = 3
-    assert run(cfg_predict) == 0
-    out = Path(cfg_predict.output_dir)
+    cfg = compose_app("predict", ["hardware=cpu", "precision=32"], tmp / "run", checkpoint=tiny_ckpt,
+                      input_dir=inp, output_dir=out, output_format="cog", nan_policy="mask", batch_size=3)
+    assert run(cfg) == 0
     rebuild(out, input_dir=str(inp))
     return out
 
@@ -117,7 +116,8 @@ def _labels(out: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")      # the label rasters
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")                                  # Lightning's own notice
 def test_terratorch_trains_from_the_written_datamodule_with_a_finite_loss(run_outputs, tmp_path):
     import torch
     from lightning import Trainer, seed_everything

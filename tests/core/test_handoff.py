@@ -339,3 +339,19 @@ def test_the_item_time_is_the_acquisition_never_the_processing_time(acquired, wa
 ])
 def test_links_are_relative_to_the_document(src, dst, want):
     assert href(src, dst) == want
+
+
+def test_a_crs_without_an_epsg_code_is_given_as_wkt2(tmp_path):
+    import pystac
+    from rasterio.crs import CRS as RioCRS
+
+    laea = RioCRS.from_proj4("+proj=laea +lat_0=52 +lon_0=10 +x_0=4321000 +y_0=3210000 +ellps=GRS80 +units=m")
+    out = tmp_path / "out"
+    meta = {**meta_of("w"), "crs": laea.to_wkt(), "transform": [10.0, 0.0, 4321000.0, 0.0, -10.0, 3210000.0]}
+    write_output(out, "w", refined(0), meta)
+    rebuild(out)
+    with offline_stac_validation():
+        item = pystac.Collection.from_file(str(out / COLLECTION_KEY)).get_item("w")
+        assert item.validate()
+    assert item.properties["proj:code"] is None and item.properties["proj:wkt2"].startswith("PROJCRS[")
+    assert item.bbox == pytest.approx([10.0, 51.9957, 10.0093, 52.0], abs=1e-4)      # the grid's origin, (10E, 52N)

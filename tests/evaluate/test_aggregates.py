@@ -18,6 +18,7 @@ from helpers import compose_app
 from stage2.evaluate import metrics
 from stage2.evaluate.app import run
 from stage2.evaluate.score import evaluate_dirs
+from stage2.evaluate.table import format_evaluation
 
 SIZES = {"a": (32, 40), "b": (48, 48), "c": (24, 32)}
 
@@ -73,7 +74,7 @@ def test_pooled_rmse_ratios_and_the_closing_line(folders):
     r = ev.ratios()
     assert r["median"] == pytest.approx(1.0, abs=1e-6) and r["worst"] == pytest.approx(1.1, rel=1e-5)
     assert r["worst_tile"] == "c" and r["worse"] == 1
-    line = ev.format().splitlines()[-1]
+    line = format_evaluation(ev).splitlines()[-1]
     assert line.startswith("RMSE(opt_v2)/RMSE(opt_v1) per tile: median 1.000, worst 1.100 (c); "
                            "1 of 3 tiles worse by more than 2 %.")
     assert "pooled RMSE" in line and "RMSE improved on 1 of 3 tiles" in line
@@ -93,7 +94,7 @@ def test_the_std_ranks_the_error_per_tile_and_pooled(folders):
     ref = spearmanr(np.concatenate(pooled_s), np.concatenate(pooled_e)).statistic
     assert ev.spearman_pooled["spearman"] == pytest.approx(ref, abs=1e-6)
     assert ev.tta == "d4"
-    text = ev.format()
+    text = format_evaluation(ev)
     assert "per-pixel Spearman of the std with |opt_v2 - truth|" in text
     assert ("RMSE without TTA needs a run without TTA over the same tiles: pass reference_dir=<its output_dir>"
             in text)

@@ -118,3 +118,12 @@ def test_a_tile_with_no_valid_pixel_scores_none():
     est[:] = np.nan
     scores, sums = metrics.score(truth, est, metrics.valid_pixels(truth, est))
     assert set(scores.values()) == {None} and sums.values == 0
+
+
+def test_scattered_data_has_per_pixel_scores_but_no_window_scores():
+    """Every other pixel has data: no 3 x 3 or 11 x 11 window is whole, so edge preservation and SSIM are None."""
+    truth, est = _pair(16, 16)
+    est[:, ::2, ::2] = np.nan
+    scores, _ = metrics.score(truth, est, metrics.valid_pixels(truth, est))
+    assert scores["edge_preservation"] is None and scores["ssim"] is None
+    assert all(scores[k] is not None for k in ("rmse", "psnr", "ndvi_rmse", "sam"))

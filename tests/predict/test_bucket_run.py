@@ -58,7 +58,10 @@ def test_s3_to_s3_run_equals_the_local_run(s3, tmp_path, tiny_ckpt):
     keys = set(out.listing())
     names = [f"t{i:02d}" for i in range(N)] + ["g"]
     assert keys == {f"{n}{s}" for n in names for s in (".npz", ".tif", ".json")} | {
-        "_stage2_summary.json", "_stage2_index.json"}
+        "_stage2_summary.json", "_stage2_index.json", "_stage2_tiles.txt", "_stage2_terratorch.yaml"}
+    assert out.read_bytes("_stage2_tiles.txt").decode().splitlines() == sorted(names)
+    collection = _json(out, "_stage2_stac/collection.json")         # whole objects, like the outputs
+    assert sum(link["rel"] == "item" for link in collection["links"]) == len(names)
     for n in names:
         want = np.load(tmp_path / "local" / f"{n}.npz")["opt_v2"]
         np.testing.assert_allclose(_npz(out, f"{n}.npz"), want, atol=1e-6)
@@ -174,8 +177,10 @@ BucketStore.write_bytes = write_bytes
 def _check_whole(out: Store, listing, checked: set) -> None:
     """Every object under a final key is a whole output (no partial upload, no temporary names)."""
     for key in set(listing) - checked:
-        assert key.rsplit(".", 1)[-1] in ("npz", "json") and not key.startswith("."), key
-        if key.endswith(".npz"):
+        assert key.rsplit(".", 1)[-1] in ("npz", "json", "txt") and not key.startswith("."), key
+        if key.endswith(".txt"):
+            assert set(out.read_bytes(key).decode().splitlines()) <= {k[:-5] for k in listing if k.endswith(".json")}
+        elif key.endswith(".npz"):
             assert _npz(out, key).shape == (4, 64, 64)
         elif not key.startswith("_stage2_lock"):
             _json(out, key)

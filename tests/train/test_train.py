@@ -189,7 +189,9 @@ def test_training_writes_checkpoints_that_load_and_predict(tmp_path, cfg_train, 
     run = tmp_path / "run"                      # cfg_train's run dir (Hydra's hydra.run.dir)
     cfg_train.optical_dir, cfg_train.pairs_dir, cfg_train.data.val_fraction = str(opt), str(pairs), 0.3
     assert train(cfg_train) == 0
-    assert "validation (held-out tiles, best epoch): RMSE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "validation (2 held-out tiles, best epoch): RMSE(output)/RMSE(input) per tile median x" in printed
+    assert "means over tiles: RMSE" in printed
 
     pt = run / "stage2_refiner.pt"
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))

@@ -1,9 +1,10 @@
 """`python -m stage2.evaluate truth_dir=DIR input_dir=DIR output_dir=DIR` (settings: conf/evaluate.yaml).
 
 Prints per tile, on average and pooled the error of the Stage 1 input and of the Stage 2 output against
-the truth (stage2.evaluate.score; `reference_dir`: another run's outputs, e.g. without TTA, beside), saves the table as `output_dir/_stage2_evaluation.json` (`save=false`:
-not), and one PNG per tile (truth | opt_v1 | opt_v2 | their errors) in `output_dir/_stage2_evaluation/`
-(`figures=false`: none). Exit 0, or 2 with one line on a bad folder or tile.
+the truth (stage2.evaluate.score; `reference_dir`: another run's outputs, e.g. without TTA, beside),
+saves the tables as `output_dir/_stage2_evaluation.json` (`save=false`: not), and one PNG per tile
+(truth | opt_v1 | opt_v2 | their errors) in `output_dir/_stage2_evaluation/` (`figures=false`: none).
+Exit 0, or 2 with one line on a bad folder or tile.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..runtime import guarded, hydra_main, required
 from ..store import mirrored, open_store
 from .figures import write_figures
 from .score import evaluate_dirs
+from .table import format_evaluation
 
 EVALUATION_FILE = "_stage2_evaluation.json"
 FIGURES_DIR = "_stage2_evaluation"
@@ -52,7 +54,7 @@ def evaluate_app(cfg: DictConfig) -> int:
         ev.truth_dir, ev.input_dir, ev.output_dir = (str(dirs[k]) for k, _ in FOLDERS)
         if "reference_dir" in dirs:
             ev.reference_dir = dirs["reference_dir"]
-    print(ev.format())
+    print(format_evaluation(ev))
     if cfg.save:
         text = json.dumps(_finite(ev.to_json()), indent=2, allow_nan=False) + "\n"
         print(f"saved {out.write_bytes(EVALUATION_FILE, text.encode('utf-8'))}")

@@ -96,8 +96,9 @@ def score(truth: np.ndarray, estimate: np.ndarray, valid: np.ndarray | None) -> 
         d = e[:, valid].astype(SUM_DTYPE) - t[:, valid].astype(SUM_DTYPE)
         sq, n = float(np.vdot(d, d)), d.size
         r = math.sqrt(sq / n)
+        edges = inner(valid, SOBEL_RADIUS)
         scores = {"rmse": r, "psnr": psnr_of(r), "ndvi_rmse": ndvi_rmse(t, e, valid),
-                  "edge_preservation": edge_preservation(t, e, inner(valid, SOBEL_RADIUS))}
+                  "edge_preservation": edge_preservation(t, e, edges) if edges.any() else None}
         truth, estimate = t, e
     angle_sum, angle_n = sam_sums(truth, estimate, valid)
     scores["ssim"] = ssim(truth, estimate, valid)

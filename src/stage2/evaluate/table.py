@@ -6,15 +6,15 @@ worst per-tile RMSE ratio, since a mean over tiles can hide the tiles Stage 2 ma
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .score import Evaluation
+from .evaluation import LITERATURE, Evaluation
 
 # (metric, header, decimals): the scores table's column pairs, v1 then v2
 COLUMNS = (("rmse", "RMSE", 4), ("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("sam", "SAM deg", 2),
            ("ndvi_rmse", "NDVI-RMSE", 4), ("edge_preservation", "edge", 3))
 NA = "n/a"
+NO_REFERENCE = "RMSE without TTA needs a run without TTA over the same tiles: pass reference_dir=<its output_dir>"
 
 
 def _f(v: float | None, nd: int) -> str:
@@ -48,7 +48,8 @@ def scores_table(ev: Evaluation) -> list[str]:
             continue
         cells = []
         for (m, _, nd), w in zip(COLUMNS, widths, strict=True):
-            cells.append(f"{_cells(b, m, nd, w)} {_cells(a, m, nd, w)}" + (f"  {_ratio(ratio, name):>5}" if m == "rmse" else ""))
+            ratio_cell = f"  {_ratio(ratio, name):>5}" if m == "rmse" else ""
+            cells.append(f"{_cells(b, m, nd, w)} {_cells(a, m, nd, w)}{ratio_cell}")
         lines.append(f"{name:<{width}}  " + "  ".join(cells).rstrip())
     lines.append(f"pooled: every valid pixel of the {len(ev.tiles)} tiles at once ({pooled['pixels']} pixels); "
                  "mean: the mean of the per-tile values")
@@ -85,17 +86,16 @@ def confidence_table(ev: Evaluation) -> list[str]:
     lines.append(f"{'pooled':<{width}}  {'':>9} {_f(sp.get('spearman'), 3):>9} {sp.get('ranked', ''):>9}  "
                  f"{_f(ev.pooled['after']['rmse'], 4):>16} {_f(ref_pooled, 4):>{len(ref_head)}}")
     if sp and sp.get("ranked", 0) < sp.get("pixels", 0):
-        lines.append(f"pooled Spearman over a random sample of {sp['ranked']} of {sp['pixels']} pixels (seed {sp['seed']})")
+        lines.append(f"pooled Spearman over a random sample of {sp['ranked']} of {sp['pixels']} pixels "
+                     f"(seed {sp['seed']})")
     if ev.reference_dir is None:
-        lines.append("RMSE without TTA needs a run without TTA over the same tiles: pass reference_dir=<its output_dir>")
+        lines.append(NO_REFERENCE)
     else:
         lines.append(f"reference_dir: {ev.reference_dir}")
     return lines
 
 
 def literature_line(ev: Evaluation) -> str:
-    from .score import LITERATURE
-
     ref = LITERATURE["DSen2-CR"]
     return (f"for scale: DSen2-CR ({ref['what']}) reports PSNR {ref['psnr']} dB, SSIM {ref['ssim']}, SAM "
             f"{ref['sam']} deg; here (opt_v2, mean over tiles) PSNR {_f(ev.mean('after', 'psnr'), 2)} dB, SSIM "
@@ -103,5 +103,6 @@ def literature_line(ev: Evaluation) -> str:
 
 
 def format_evaluation(ev: Evaluation) -> str:
+    """Everything the command prints before the file lines: the tables, notes, the literature, the verdict."""
     notes = [f"note: {n}" for n in ev.notes]
     return "\n".join([*scores_table(ev), *confidence_table(ev), *notes, literature_line(ev), ev.verdict()])

@@ -36,7 +36,7 @@ class HandoffResult:
     derived: int                            # outputs of earlier versions whose keys were derived from rasters
     terratorch: bool                        # whether _stage2_terratorch.yaml was written
     written: list[str] = field(default_factory=list)    # keys written
-    unchanged: int = 0                      # Items already in the bucket with the same content (not uploaded)
+    unchanged: int = 0                      # Items already in place with the same content (not written again)
     deleted: list[str] = field(default_factory=list)    # stale keys removed (Items of outputs gone)
     skipped: dict[str, str] = field(default_factory=dict)   # Stage 2 JSON name -> why it is not a valid output
     notes: list[str] = field(default_factory=list)       # what a user should know (e.g. why no TerraTorch file)

@@ -4,7 +4,7 @@ STAC 1.1 with the projection (v2.0.0), eo (v1.1.0), raster (v1.1.0) and processi
 extensions: the versions pystac writes and the offline schemas in tests/data/stac-schemas validate.
 Bands are described with `eo:bands` and `raster:bands` on the image asset (not STAC 1.1's common
 `bands` array, which goes with eo/raster v2). Written without pystac, so the end of a predict run
-needs nothing beyond the standard library and rasterio.
+needs nothing beyond numpy, the standard library and rasterio.
 
 Self-contained: every link and asset href is relative (to the document that holds it), so the whole
 output folder can be moved, copied or served, and `pystac.Collection.from_file` or `odc.stac.load`
@@ -43,12 +43,12 @@ NPZ_TYPE = "application/x-npz"      # no registered type: NumPy's .npz (a zip of
 JSON_TYPE = "application/json"
 GEOTIFF_TYPE = "image/tiff; application=geotiff"
 
-# The bands of every layer, as the eo extension names them (Sentinel-2A centre wavelengths, micrometres).
+# opt_v2's bands as the eo extension names them (Sentinel-2A centre wavelengths, micrometres).
 EO_BANDS = [{"name": band, "common_name": common, "center_wavelength": wl, "description": desc}
             for band, common, wl, desc in zip(BANDS, ("blue", "green", "red", "nir"), (0.490, 0.560, 0.665, 0.842),
                                               ("Blue (Sentinel-2 B02)", "Green (Sentinel-2 B03)",
                                                "Red (Sentinel-2 B04)", "NIR (Sentinel-2 B08)"), strict=True)]
-# The asset key of a COG layer, and the STAC role of what it holds.
+# The Item's asset key of each COG layer (other layers keep their own name).
 ASSET_KEYS = {product.OUTPUT_KEY: "opt_v2", "opt_v2_std": "std"}
 # Where an output has no acquisition date: STAC needs a time range instead. Sentinel-1A's first day in
 # orbit (SAR, Stage 1's input) is the earliest date a Stage 1 tile can show; its processing time the latest.
@@ -192,8 +192,20 @@ def item(o: ValidOutput, collection_id: str, footprint: tuple[dict[str, Any], li
 def _projection(o: ValidOutput) -> dict[str, Any]:
     crs = o.geo.crs  # type: ignore[union-attr]
     code = crs if crs.upper().startswith("EPSG:") else None
-    proj = {"proj:code": code} if code else {"proj:code": None, "proj:wkt2": crs}
+    proj = {"proj:code": code} if code else {"proj:code": None, "proj:wkt2": _wkt2(crs)}
     return {**proj, "proj:shape": list(o.shape), "proj:transform": list(o.geo.transform)}  # type: ignore[union-attr]
+
+
+@lru_cache(maxsize=64)
+def _wkt2(crs: str) -> str:
+    """A CRS without an EPSG code as WKT2 (what proj:wkt2 holds); the JSON's own text where GDAL cannot read it."""
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    try:
+        return CRS.from_user_input(crs).to_wkt(version="WKT2_2019")
+    except (CRSError, ValueError):
+        return crs
 
 
 def _processing(meta: dict[str, Any]) -> dict[str, Any]:

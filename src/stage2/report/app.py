@@ -5,7 +5,9 @@ A read-only check of a finished Stage 2 run, and the pictures a person needs to 
   with the failure reason from `_stage2_failures.jsonl` where the run recorded one);
 - every output: JSON an object with the Stage 2 keys and no NaN, NPZ `opt_v2` float32 (4, H, W) with
   the input's H and W, finite, in [0, 1];
-- per tile quality: from the output JSON, or computed here when the run had `quality=false`;
+- per tile quality: from the output JSON, or computed here when the run had `quality=false`; it
+  compares opt_v2 with opt_v1, so it measures how much Stage 2 changed the tile, not its error;
+- per tile the mean change |opt_v2 - opt_v1| and, for runs with TTA, the std mean (SPEC 12);
 - `report_dir/tiles/<name>.png` (worst quality first, up to max_tiles), `quality.png`, `index.html`.
 
 Exit 0 when everything checks out, 1 when counts do not match or an output is invalid (the report is
@@ -25,10 +27,11 @@ from omegaconf import DictConfig
 
 from .. import CONF_DIR, formats
 from ..formats import INPUT_SUFFIXES
+from ..product import OUTPUT_KEY, STD_KEY
 from ..runtime import RunError, atomic_write_text, exit_with, guarded, register_resolvers, require_dir
 from ..store import is_url, mirrored, open_store
 from ..tiles import TileError, discover
-from .check import OutputInvalid, RunCheck, check_run, read_opt_v2, worst_first
+from .check import OutputInvalid, RunCheck, check_run, read_layers, worst_first
 
 register_resolvers()      # report.yaml's ${stage2_aoi_dir:...}
 
@@ -36,10 +39,13 @@ INDEX_FILE = "index.html"
 QUALITY_PNG = "quality.png"
 TILES_DIR = "tiles"
 SHOW_PROBLEMS = 20          # problems printed on the terminal; index.html lists all
+CHANGE_NOT_ERROR = ("these compare opt_v2 with opt_v1: they measure how much Stage 2 changed a tile, not its error; "
+                    "error needs a truth: python -m stage2.evaluate truth_dir=DIR input_dir=... output_dir=...")
 
 
 def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
-    """One comparison PNG per tile, worst quality first, up to max_tiles; returns how many."""
+    """One comparison PNG per tile, most changed first (distance from the preservation targets), up to
+    max_tiles; returns how many."""
     from .figures import tile_figure
 
     tiles_dir = report_dir / TILES_DIR
@@ -51,7 +57,8 @@ def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
         try:
             tile = formats.read_tile(chk.input_paths[row.name], nan_policy="mask", input_scale=None,
                                      input_offset=None)
-            v1, v2 = tile.array, read_opt_v2(chk.output_dir, row.name)[1]
+            layers = read_layers(chk.output_dir, row.name)[1]
+            v1, v2, std = tile.array, layers[OUTPUT_KEY], layers.get(STD_KEY)
             if tile.nodata is not None:
                 v1[:, tile.nodata] = np.nan        # draw no data as no data, not as its fill
         except (TileError, OutputInvalid, OSError, KeyError, ValueError) as e:
@@ -59,7 +66,7 @@ def draw_tiles(chk: RunCheck, report_dir: Path, max_tiles: int) -> int:
             continue
         rel = f"{TILES_DIR}/{row.name}.png"
         tile_figure(report_dir / rel, row.name, v1, v2, row.month, row.biome, row.ndvi_rmse,
-                    row.edge_preservation, row.below)
+                    row.edge_preservation, row.below, std=std)
         row.png = rel
         n += 1
     return n
@@ -73,11 +80,17 @@ def terminal_lines(chk: RunCheck, n_png: int) -> list[str]:
              f"  tiles     inputs {chk.inputs}   complete outputs {chk.outputs}   problems {len(chk.problems)}"
              f"   run failures {len(chk.failures)}"]
     if rmse or edge:
-        lines.append(f"  quality   NDVI RMSE mean {_mean(rmse)} worst {_fmt(max(rmse, default=None))}   "
-                     f"edge pres. mean {_mean(edge)} worst {_fmt(min(edge, default=None))}")
-        lines.append(f"            {sum(r.below for r in chk.rows)} tiles below target, "
-                     f"{sum(r.flat for r in chk.rows)} flat (edge preservation undefined)")
-    lines.append(f"  figures   {n_png} tile PNGs (worst quality first), {QUALITY_PNG}")
+        lines.append(f"  change    NDVI RMSE mean {_mean(rmse)} worst {_fmt(max(rmse, default=None))}   "
+                     f"edge pres. mean {_mean(edge)} worst {_fmt(min(edge, default=None))}   (against opt_v1)")
+        lines.append(f"            {sum(r.below for r in chk.rows)} tiles changed more than the guide's preservation "
+                     f"targets, {sum(r.flat for r in chk.rows)} flat (edge preservation undefined)")
+        lines.append(f"            {CHANGE_NOT_ERROR}")
+    std = [r.std_mean for r in chk.rows if r.std_mean is not None]
+    change = [r.mean_change for r in chk.rows if r.mean_change is not None]
+    if std or change:
+        lines.append(f"  confidence  mean change |opt_v2 - opt_v1| {_mean(change)}" +
+                     (f"   std across TTA passes: mean {_mean(std)} worst {_fmt(max(std))}" if std else ""))
+    lines.append(f"  figures   {n_png} tile PNGs (most changed first), {QUALITY_PNG}")
     for p in chk.problems[:SHOW_PROBLEMS]:
         lines.append(f"  PROBLEM   {p.line()}")
     if len(chk.problems) > SHOW_PROBLEMS:

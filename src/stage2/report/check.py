@@ -18,10 +18,10 @@ import numpy as np
 
 from .. import formats
 from ..formats import INPUT_SUFFIXES, cog
-from ..product import OUTPUT_KEY, STAGE
+from ..product import OUTPUT_KEY, STAGE, STD_COG_SUFFIX, STD_KEY
 from ..quality import below_target, severity, tile_quality
 from ..store import FAILURES_FILE, SUMMARY_FILE
-from ..tiles import N_BANDS, TileError, discover, is_reserved, tile_name
+from ..tiles import BANDS, N_BANDS, TileError, discover, is_reserved, tile_name
 
 REQUIRED_KEYS = ("stage", "timestamp", "processing")
 
@@ -41,6 +41,8 @@ class TileRow:
     edge_preservation: float | None
     quality_from: str                   # "json" (written by the run), "computed" (here) or "none"
     png: str | None = None              # path relative to report_dir
+    std_mean: float | None = None       # mean of opt_v2_std over bands and valid pixels (runs with TTA)
+    mean_change: float | None = None    # mean |opt_v2 - opt_v1| over bands and valid pixels
 
     @property
     def quality(self) -> dict[str, float | None]:
@@ -112,6 +114,8 @@ def output_names(output_dir: Path, recursive: bool, report_dir: Path) -> tuple[s
             rel = p.relative_to(output_dir)
             if any(part.startswith(".") for part in rel.parts) or is_reserved(rel.as_posix()):
                 continue
+            if p.name.lower().endswith(STD_COG_SUFFIX):     # the std layer of the COG output `<name>.tif`
+                continue
             if recursive and p.resolve().is_relative_to(skip):
                 continue
             if p.is_file():
@@ -165,8 +169,10 @@ def _failure_for(name: str, failures: list[dict[str, Any]]) -> dict[str, Any] | 
     return None
 
 
-def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | None) -> tuple[dict[str, Any], np.ndarray]:
-    """Validate one complete output against SPEC 3; return its metadata and opt_v2."""
+def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | None
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Validate one complete output against SPEC 3 (and its std layer against SPEC 12); return its
+    metadata and layers."""
     js, npz = output_dir / f"{name}.json", output_dir / f"{name}.npz"
     try:
         meta = _load_json(js)
@@ -189,7 +195,8 @@ def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | Non
             v = q.get(key)
             if v is not None and not (_is_number(v) and ok(v)):
                 raise OutputInvalid(f"{js.name}: quality.{key} is {v!r}")
-    npz, v2 = read_opt_v2(output_dir, name)
+    npz, layers = read_layers(output_dir, name)
+    v2 = layers[OUTPUT_KEY]
     if v2.dtype != np.float32:
         raise OutputInvalid(f"{npz.name}: {OUTPUT_KEY} is {v2.dtype}, expected float32")
     if v2.ndim != 3 or v2.shape[0] != N_BANDS:
@@ -201,19 +208,32 @@ def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | Non
     lo, hi = float(np.fmin.reduce(v2, axis=None)), float(np.fmax.reduce(v2, axis=None))
     if lo < 0 or hi > 1:
         raise OutputInvalid(f"{npz.name}: values in [{lo:.4g}, {hi:.4g}], outside [0, 1]")
-    return meta, v2
+    std = layers.get(STD_KEY)
+    if std is not None:
+        if std.shape != v2.shape:
+            raise OutputInvalid(f"{npz.name}: {STD_KEY} has shape {std.shape}, {OUTPUT_KEY} {v2.shape}")
+        if float(np.fmin.reduce(std, axis=None)) < 0:
+            raise OutputInvalid(f"{npz.name}: {STD_KEY} has negative values")
+    return meta, layers
 
 
-def read_opt_v2(output_dir: Path, name: str) -> tuple[Path, np.ndarray]:
-    """The output's data file and its opt_v2: the NPZ, or the COG where the run wrote no NPZ (output_format=cog)."""
+def read_layers(output_dir: Path, name: str) -> tuple[Path, dict[str, np.ndarray]]:
+    """The output's data file and its layers (opt_v2, and opt_v2_std where the run had TTA): the NPZ,
+    or the COGs where the run wrote no NPZ (output_format=cog)."""
     from ..product import read_output
 
     npz = output_dir / f"{name}.npz"
     source = npz if npz.is_file() else output_dir / cog.output_key(name)
     try:
-        return source, read_output(source).layers[OUTPUT_KEY]
+        return source, read_output(source).layers
     except TileError as e:
         raise OutputInvalid(e.reason) from None
+
+
+def read_opt_v2(output_dir: Path, name: str) -> tuple[Path, np.ndarray]:
+    """The output's data file and its opt_v2."""
+    source, layers = read_layers(output_dir, name)
+    return source, layers[OUTPUT_KEY]
 
 
 def _check_no_data(name: str, v2: np.ndarray, meta: dict[str, Any]) -> None:
@@ -232,6 +252,48 @@ def _check_no_data(name: str, v2: np.ndarray, meta: dict[str, Any]) -> None:
     if not nan.all(axis=0)[pixels].all() or int(pixels.sum()) != masked:
         raise OutputInvalid(f"{name}: NaN on {int(pixels.sum())} pixels (in some bands only: "
                             f"{int((pixels & ~nan.all(axis=0)).sum())}), but processing.masked_pixels is {masked}")
+
+
+def _confidence_of(meta: dict[str, Any], layers: dict[str, np.ndarray], input_path: Path
+                   ) -> tuple[float | None, float | None]:
+    """The tile's std mean and mean change: the run's own (`confidence` in the JSON), or computed here
+    where a run with a std layer wrote none. The mean of the per-band std means is the std's mean:
+    every band has the same valid pixels."""
+    c = meta.get("confidence")
+    c = c if isinstance(c, dict) else {}
+    bands = [c.get(b) for b in BANDS]
+    std_mean = (float(np.mean([b["std_mean"] for b in bands])) if all(
+        isinstance(b, dict) and _is_number(b.get("std_mean")) for b in bands) else None)
+    change = c.get("mean_abs_change") if _is_number(c.get("mean_abs_change")) else None
+    std = layers.get(STD_KEY)
+    if std is None:
+        return std_mean, change
+    if std_mean is None:
+        std_mean = float(np.nanmean(std, dtype=np.float64))
+    if change is None:
+        try:
+            tile = formats.read_tile(input_path, nan_policy="mask", input_scale=None, input_offset=None)
+        except (TileError, OSError):
+            return std_mean, None
+        change = mean_change(tile.array, layers[OUTPUT_KEY], tile.nodata)
+    return std_mean, change
+
+
+def change_map(v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
+    """|opt_v2 - opt_v1| per pixel, the mean over the four bands (NaN where either has no data): its
+    mean over the pixels is the JSON's `confidence.mean_abs_change`, so the map and the number agree.
+    Band by band: a large tile needs two (H, W) arrays, not four."""
+    out = np.zeros(np.shape(v1)[1:], np.float32)
+    for a, b in zip(v1, v2, strict=True):
+        out += np.abs(np.subtract(b, a, dtype=np.float32))
+    return out / len(v1)
+
+
+def mean_change(v1: np.ndarray, v2: np.ndarray, nodata: np.ndarray | None = None) -> float | None:
+    """Mean |opt_v2 - opt_v1| over the bands and the pixels with data (`nodata`: the input's mask)."""
+    d = change_map(v1, v2)
+    ok = np.isfinite(d) if nodata is None else np.isfinite(d) & ~nodata
+    return float(d[ok].mean(dtype=np.float64)) if ok.any() else None
 
 
 def _quality_of(meta: dict[str, Any], v2: np.ndarray, input_path: Path) -> tuple[dict[str, Any], str]:
@@ -260,14 +322,15 @@ def check_run(input_dir: Path, output_dir: Path, report_dir: Path, recursive: bo
     for name, path in inputs.items():
         if name in jsons and name in npzs:
             try:
-                meta, v2 = check_output(output_dir, name, formats.peek_shape(path))
+                meta, layers = check_output(output_dir, name, formats.peek_shape(path))
             except OutputInvalid as e:
                 chk.problems.append(Problem(name, "invalid output", str(e)))
                 continue
             chk.outputs += 1
-            q, source = _quality_of(meta, v2, path)
+            q, source = _quality_of(meta, layers[OUTPUT_KEY], path)
+            std_mean, change = _confidence_of(meta, layers, path)
             chk.rows.append(TileRow(name, meta.get("month"), meta.get("biome_code"), q["ndvi_rmse"],
-                                    q["edge_preservation"], source))
+                                    q["edge_preservation"], source, std_mean=std_mean, mean_change=change))
         elif name in npzs:
             kind = "NPZ" if (output_dir / f"{name}.npz").is_file() else "COG"
             chk.problems.append(Problem(name, "incomplete output", f"{kind} without its JSON (the run was "

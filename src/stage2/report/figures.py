@@ -1,4 +1,4 @@
-"""The report's figures: one comparison PNG per tile and the quality histograms (SPEC 7).
+"""The report's figures: one comparison PNG per tile and the quality histograms (SPEC 7, 12).
 
 Uses matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas) rather than pyplot, so no
 global backend is switched, nothing needs a display, and figures are freed as soon as they are
@@ -17,7 +17,16 @@ from ..figures import RGB_GAIN, display_gain, rgb
 from ..quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET, ndvi
 
 DPI = 100
-BAD = "#b00020"         # below-target red, shared with the HTML page
+BAD = "#b00020"         # problem red, shared with the HTML page
+CHANGED = "#9a5b00"     # a tile that changed more than the guide's preservation targets: amber, not an error
+# The change and std maps' fixed colour scales (reflectance): the same colours mean the same values
+# on every tile and in every run. Chosen on the demo run (make demo's refiner, tta=d4): per tile a
+# mean change of 0.006-0.015 with features up to about 0.025, and a std of about 0.002 whose 95th
+# percentile stays below 0.004 in every band. Larger values show as the top colour (the bar's arrow).
+CHANGE_VMAX = 0.03
+STD_VMAX = 0.005
+CHANGE_CMAP = "magma"
+STD_CMAP = "viridis"
 # Largest side of the arrays handed to matplotlib. A panel is about 420 px wide at DPI, so larger tiles
 # are block-averaged first: imshow of a 10,000 px tile would resample 10^8 pixels through float RGBA
 # copies (3 GB) for a picture of the same size.
@@ -52,67 +61,91 @@ def _metric_text(rmse: float | None, edge: float | None) -> str:
 
 
 def tile_figure(path: Path, name: str, v1: np.ndarray, v2: np.ndarray, month: object, biome: object,
-                rmse: float | None, edge: float | None, below: bool) -> Path:
-    """Write `opt_v1 RGB | opt_v2 RGB | NDVI(opt_v2) - NDVI(opt_v1)` for one tile to `path`.
+                rmse: float | None, edge: float | None, below: bool, std: np.ndarray | None = None) -> Path:
+    """Write `opt_v1 RGB | opt_v2 RGB | NDVI(opt_v2) - NDVI(opt_v1) | change [| std]` for one tile to `path`.
 
-    A tile larger than DISPLAY_MAX_SIDE is drawn from block means (the title says by how much);
-    no-data (NaN) pixels are transparent.
+    The change is |opt_v2 - opt_v1| and the std opt_v2_std (runs with TTA), each the mean over the
+    four bands, on fixed colour scales (CHANGE_VMAX, STD_VMAX) so that tiles and runs compare at a
+    glance. A tile larger than DISPLAY_MAX_SIDE is drawn from block means (the title says by how
+    much); no-data (NaN) pixels are transparent.
     """
     from matplotlib.figure import Figure
 
+    from .check import change_map
+
     h, w = v1.shape[1:]
+    change, _ = thumbnail(change_map(v1, v2)[None])
+    spread = None if std is None else thumbnail(np.mean(std, axis=0, dtype=np.float32)[None])[0][0]
     (v1, f), (v2, _) = thumbnail(v1), thumbnail(v2)
     diff = (ndvi(v2) - ndvi(v1)).astype(np.float32)
     # Symmetric scale: at least the NDVI target, so a tile within target looks pale, and wide
     # enough for its largest changes (99.5th percentile, so one hot pixel does not wash it out).
     lim = max(NDVI_RMSE_TARGET, float(np.nan_to_num(np.nanpercentile(np.abs(diff), 99.5))))
 
-    panel_w = 4.2 * min(max(w / h, 0.5), 2.0)            # keep very long tiles readable
-    fig = Figure(figsize=(2 * panel_w + 5.2, 5.0), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.18]})
+    n_maps = 2 if spread is None else 3                  # panels with a colour bar
+    panel_w = 3.4 * min(max(w / h, 0.5), 1.6)            # keep very long tiles readable
+    fig = Figure(figsize=((2 + n_maps) * panel_w + 1.1 * n_maps, 4.8), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2 + n_maps, gridspec_kw={"width_ratios": [1, 1] + [1.2] * n_maps})
     gain = display_gain(v1)      # from opt_v1 alone, for both panels: they stay comparable
     axes[0].imshow(rgb(v1, gain), interpolation="nearest")
     shown = f", shown as {f}x{f} px means" if f > 1 else ""
-    axes[0].set_title(f"opt_v1 (Stage 1)  {h}x{w} px{shown}", fontsize=11)
+    axes[0].set_title(f"opt_v1 (Stage 1)  {h}x{w} px{shown}", fontsize=10)
     axes[1].imshow(rgb(v2, gain), interpolation="nearest")
-    axes[1].set_title("opt_v2 (Stage 2)", fontsize=11)
+    axes[1].set_title("opt_v2 (Stage 2)", fontsize=10)
     im = axes[2].imshow(diff, cmap="BrBG", vmin=-lim, vmax=lim, interpolation="nearest")
-    axes[2].set_title("NDVI difference", fontsize=11)
+    axes[2].set_title("NDVI difference", fontsize=10)
     cbar = fig.colorbar(im, ax=axes[2], shrink=0.9, pad=0.02)
-    cbar.set_label("NDVI(opt_v2) - NDVI(opt_v1)\n(green: more vegetation signal)", fontsize=9)
+    cbar.set_label("NDVI(opt_v2) - NDVI(opt_v1)\n(green: more vegetation signal)", fontsize=8)
+    _fixed_map(fig, axes[3], change[0], CHANGE_VMAX, CHANGE_CMAP, "change |opt_v2 - opt_v1| (band mean)",
+               "reflectance change")
+    if spread is not None:
+        _fixed_map(fig, axes[4], spread, STD_VMAX, STD_CMAP, "std across TTA passes (band mean)", "opt_v2_std")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     stretch = ("x2 brightness" if gain == RGB_GAIN else
                f"x{gain:.0f} brightness (too dark for x2)")
-    axes[0].set_xlabel(f"RGB = B04, B03, B02, {stretch}", fontsize=9, color="black" if gain == RGB_GAIN else BAD)
-    axes[1].set_xlabel(f"RGB = B04, B03, B02, {stretch}", fontsize=9, color="black" if gain == RGB_GAIN else BAD)
-    status = "   BELOW TARGET" if below else ""
+    for ax in axes[:2]:      # two lines: a narrow panel's label must not run into its neighbour's
+        ax.set_xlabel(f"RGB = B04, B03, B02\n{stretch}", fontsize=9, color="black" if gain == RGB_GAIN else BAD)
+    status = "   changed more than the preservation targets" if below else ""
     fig.suptitle(f"{name}\nmonth {month}   biome {biome}   {_metric_text(rmse, edge)}{status}",
-                 fontsize=11, color=BAD if below else "black")
+                 fontsize=11, color=CHANGED if below else "black")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
 
 
+def _fixed_map(fig, ax, values: np.ndarray, vmax: float, cmap: str, title: str, label: str) -> None:
+    """One band-mean map on the fixed scale [0, vmax]; the colour bar's arrow marks values above it."""
+    im = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    ax.set_xlabel(f"mean {mean:.4f}", fontsize=9)
+    cbar = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02, extend="max")
+    cbar.set_label(f"{label} (fixed scale 0-{vmax:g})", fontsize=8)
+
+
 def summary_figure(path: Path, rmse: list[float], edge: list[float], n_tiles: int, n_flat: int) -> Path:
-    """Histograms of both metrics over the run's tiles, with the target lines."""
+    """Histograms of both metrics over the run's tiles, with the target lines: how much Stage 2 changed
+    the tiles against opt_v1, which says nothing of their error (that needs a truth: stage2.evaluate)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.4), dpi=DPI, layout="constrained")
     ax_r, ax_e = fig.subplots(1, 2)
     _histogram(ax_r, rmse, NDVI_RMSE_TARGET, f"target < {NDVI_RMSE_TARGET:.2f}",
                lo=0.0, hi=max([NDVI_RMSE_TARGET * 1.5, *rmse]))
-    ax_r.set_xlabel("NDVI RMSE (opt_v1 vs opt_v2; lower is better)")
+    ax_r.set_xlabel("NDVI RMSE of opt_v2 against opt_v1 (lower: NDVI changed less)")
     ax_r.set_title(f"NDVI RMSE: {sum(v >= NDVI_RMSE_TARGET for v in rmse)} of {len(rmse)} tiles "
-                   "miss the target", fontsize=11)
+                   "changed more than the target", fontsize=11)
     _histogram(ax_e, edge, EDGE_PRESERVATION_TARGET, f"target > {EDGE_PRESERVATION_TARGET:.2f}",
                lo=min([EDGE_PRESERVATION_TARGET - 0.1, *edge]), hi=1.0)
-    ax_e.set_xlabel("edge preservation (Pearson r of NIR Sobel magnitude; higher is better)")
+    ax_e.set_xlabel("edge preservation of opt_v2 against opt_v1 (higher: edges kept)\n"
+                    "Pearson r of the NIR Sobel magnitudes")
     flat = f", {n_flat} flat (undefined)" if n_flat else ""
     ax_e.set_title(f"Edge preservation: {sum(v <= EDGE_PRESERVATION_TARGET for v in edge)} of {len(edge)} "
-                   f"tiles miss the target{flat}", fontsize=11)
-    fig.suptitle(f"Quality of {n_tiles} tiles", fontsize=12)
+                   f"tiles changed more than the target{flat}", fontsize=11)
+    fig.suptitle(f"How much Stage 2 changed {n_tiles} tiles (against opt_v1: change, not error; error needs a "
+                 "truth: python -m stage2.evaluate)", fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path

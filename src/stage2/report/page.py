@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from ..quality import EDGE_PRESERVATION_TARGET, NDVI_RMSE_TARGET
 from .check import RunCheck, TileRow
+from .figures import CHANGE_VMAX, STD_VMAX
 
 SUMMARY_ORDER = ("found", "processed", "skipped", "failed", "ignored", "metadata_defaults", "clipped",
                  "cpu_fallbacks", "tiles_per_s", "wall_s", "device", "precision", "batch_size", "model",
@@ -39,8 +40,9 @@ th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertic
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.tiles th { cursor: pointer; user-select: none; }
-tr.below td { background: #fdecee; }
+tr.below td { background: #fdf3e1; }
 .bad { color: #b00020; font-weight: 600; }
+.changed { color: #9a5b00; font-weight: 600; }
 .ok { color: #1b7f3b; font-weight: 600; }
 [hidden] { display: none !important; }
 .status { font-size: 1.1em; padding: 0.4em 0.8em; border-radius: 4px; display: inline-block; }
@@ -77,26 +79,34 @@ $run_summary
 $failures
 
 <h2 id="quality">Quality</h2>
+<p id="change-not-error"><b>These metrics measure how much Stage 2 changed each tile, not its error.</b>
+Both compare opt_v2 with opt_v1, Stage 2's own input, so a tile that Stage 2 brought much closer to the
+ground also "changes" a lot. The error of a tile needs the true optical tile:
+<code>python -m stage2.evaluate truth_dir=DIR input_dir=... output_dir=...</code> scores opt_v1 and
+opt_v2 against it (RMSE, PSNR, SSIM, SAM, NDVI RMSE, edge preservation).</p>
 <p><b>NDVI RMSE</b>: root-mean-square difference between the NDVI of opt_v1 and opt_v2
-(target &lt; $rmse_target): the refinement must keep the vegetation signal.
+(the guide's preservation target &lt; $rmse_target: the refinement should keep the vegetation signal).
 <b>Edge preservation</b>: Pearson correlation of the Sobel gradient magnitude of the NIR band (B08)
-of opt_v1 and opt_v2 (target &gt; $edge_target): it must not blur or invent field boundaries.
-A tile whose NIR has no edges at all is <i>flat</i>: its edge preservation is undefined (null).</p>
+of opt_v1 and opt_v2 (target &gt; $edge_target: it should not blur or invent field boundaries).
+A tile whose NIR has no edges at all is <i>flat</i>: its edge preservation is undefined (null).
+$confidence_note</p>
 <img class="wide" src="$quality_png" alt="histograms of NDVI RMSE and edge preservation with the target lines">
 
 <h2 id="tiles">Tiles ($n_rows)</h2>
-<p class="muted">Worst quality first (distance from the targets); click a column header to sort.
-Rows below target are shaded. $figure_note$computed_note</p>
+<p class="muted">Most changed first (distance from the preservation targets); click a column header to sort.
+Rows of tiles that changed more than the targets are shaded. $figure_note$computed_note</p>
 <table class="tiles" id="tile-table">
 <thead><tr><th data-type="num">#</th><th>tile</th><th data-type="num">month</th><th data-type="num">biome</th>
-<th data-type="num">NDVI RMSE</th><th data-type="num">edge preservation</th><th>status</th><th>figure</th></tr></thead>
+<th data-type="num">NDVI RMSE</th><th data-type="num">edge preservation</th>$extra_heads
+<th>status</th><th>figure</th></tr></thead>
 <tbody>
 $rows
 </tbody>
 </table>
 
 <h2 id="figures">Figures</h2>
-<p class="muted">opt_v1 RGB | opt_v2 RGB | NDVI difference, worst quality first.</p>
+<p class="muted">opt_v1 RGB | opt_v2 RGB | NDVI difference | change |opt_v2 - opt_v1| (mean over the
+bands, fixed scale 0-$change_vmax reflectance)$std_panel, most changed first.</p>
 $gallery
 
 <script>
@@ -194,8 +204,9 @@ def _run_summary(summary: dict[str, Any] | None) -> str:
             rows.append(f"<tr><td>{label}</td><td class=\"num\">{esc(_num(m.get('mean'), 4))}</td>"
                         f"<td class=\"num\">{esc(_num(m.get('worst'), 4))}</td><td>{esc(m.get('worst_tile'))}</td>"
                         f"<td>{target}</td></tr>")
-        out += ("\n<p>Quality over the tiles this run processed: "
-                f"{esc(q.get('below_target'))} below target, {esc(q.get('undefined'))} undefined (flat).</p>\n"
+        out += ("\n<p>Change against opt_v1 over the tiles this run processed: "
+                f"{esc(q.get('below_target'))} changed more than the preservation targets (<code>below_target</code>), "
+                f"{esc(q.get('undefined'))} undefined (flat).</p>\n"
                 "<table>\n<tr><th>metric</th><th>mean</th><th>worst</th><th>worst tile</th><th>target</th></tr>\n"
                 + "\n".join(rows) + "\n</table>")
     return out
@@ -214,13 +225,21 @@ def _status(row: TileRow) -> tuple[str, str]:
     if row.quality_from == "none":
         return "no metrics (input unreadable)", "muted"
     if row.below:
-        return "below target", "bad"
+        return "changed more than target", "changed"
     if row.flat:
         return "flat (edge undefined)", "muted"
     return "ok", "ok"
 
 
-def _row(i: int, row: TileRow) -> str:
+# Columns shown where at least one tile has the value: (TileRow attribute, header, decimals)
+CONFIDENCE_COLUMNS = (("std_mean", "std mean (TTA)", 5), ("mean_change", "mean change |opt_v2 - opt_v1|", 4))
+
+
+def _columns(rows: list[TileRow]) -> list[tuple[str, str, int]]:
+    return [c for c in CONFIDENCE_COLUMNS if any(getattr(r, c[0]) is not None for r in rows)]
+
+
+def _row(i: int, row: TileRow, columns: list[tuple[str, str, int]]) -> str:
     text, cls = _status(row)
     name = f'<a href="{href(row.png)}">{esc(row.name)}</a>' if row.png else esc(row.name)
     fig = f'<a href="{href(row.png)}">PNG</a>' if row.png else ""
@@ -231,14 +250,28 @@ def _row(i: int, row: TileRow) -> str:
         f'<td class="num" data-v="{esc(_num(row.ndvi_rmse, 6))}">{esc(_num(row.ndvi_rmse, 4))}{mark}</td>',
         f'<td class="num" data-v="{esc(_num(row.edge_preservation, 6))}">'
         f'{esc(_num(row.edge_preservation, 3) or "null")}{mark}</td>',
+        *(f'<td class="num" data-v="{esc(_num(getattr(row, key), 7))}">{esc(_num(getattr(row, key), digits))}</td>'
+          for key, _, digits in columns),
         f'<td class="{cls}">{esc(text)}</td>', f"<td>{fig}</td>",
     ]
     attr = ' class="below"' if row.below else ""
     return f"<tr{attr}>{''.join(cells)}</tr>"
 
 
+def _confidence_note(has_std: bool) -> str:
+    """What the change map and the std map say, and what they do not."""
+    text = ("<b>Change</b>: |opt_v2 - opt_v1|, the mean over the four bands, per pixel in each figure and its mean "
+            "over the tile in the table: where and how much Stage 2 altered its input (again not an error).")
+    if has_std:
+        text += (" <b>Std</b>: the per-pixel standard deviation of the test-time augmentation passes "
+                 "(<code>opt_v2_std</code>, mean over the bands): where the model answers differently for the "
+                 "flipped and rotated tile, it is unsure. How well it ranks the real error is measured by "
+                 "<code>python -m stage2.evaluate</code> against a truth (Spearman of std and error).")
+    return text
+
+
 def render_index(chk: RunCheck, rows: list[TileRow], quality_png: str, max_tiles: int) -> str:
-    """The whole page; `rows` in the order the table shows them (worst first)."""
+    """The whole page; `rows` in the order the table shows them (most changed first)."""
     n_png = sum(r.png is not None for r in rows)
     if chk.ok:
         status, status_class = f"All {chk.inputs} inputs have a valid output.", "ok"
@@ -246,10 +279,15 @@ def render_index(chk: RunCheck, rows: list[TileRow], quality_png: str, max_tiles
         status, status_class = f"{len(chk.problems)} problem(s): see Checks below.", "bad"
     below = sum(r.below for r in rows)
     if rows:
-        status += f" {below} of {len(rows)} tiles below the quality targets."
+        status += (f" {below} of {len(rows)} tiles changed more than the guide's preservation targets: a measure of "
+                   "how much Stage 2 changed them against opt_v1, not of their error (error needs a truth: "
+                   "python -m stage2.evaluate truth_dir=...).")
+    columns = _columns(rows)
+    has_std = any(r.std_mean is not None for r in rows)
     gallery = "\n".join(
-        f'<figure id="fig-{i}"><a href="{href(r.png)}"><img src="{href(r.png)}" alt="{esc(r.name)}: opt_v1, opt_v2 '
-        f'and NDVI difference"></a><figcaption>{i}. {esc(r.name)}</figcaption></figure>'
+        f'<figure id="fig-{i}"><a href="{href(r.png)}"><img src="{href(r.png)}" alt="{esc(r.name)}: opt_v1, opt_v2, '
+        f'NDVI difference, change{" and std" if r.std_mean is not None else ""}"></a>'
+        f'<figcaption>{i}. {esc(r.name)}</figcaption></figure>'
         for i, r in enumerate(rows, 1) if r.png)
     computed = any(r.quality_from == "computed" for r in rows)
     return PAGE.substitute(
@@ -261,8 +299,12 @@ def render_index(chk: RunCheck, rows: list[TileRow], quality_png: str, max_tiles
         checks=_checks(chk), run_summary=_run_summary(chk.summary), failures=_failures(chk.failures),
         rmse_target=f"{NDVI_RMSE_TARGET:.2f}", edge_target=f"{EDGE_PRESERVATION_TARGET:.2f}",
         quality_png=href(quality_png), n_rows=len(rows),
-        figure_note=esc(f"Figures for the {n_png} worst tiles (max_tiles={max_tiles})."),
+        figure_note=esc(f"Figures for the {n_png} most changed tiles (max_tiles={max_tiles})."),
         computed_note=(" * computed by the report: the run wrote no quality (quality=false)." if computed else ""),
-        rows="\n".join(_row(i, r) for i, r in enumerate(rows, 1)),
+        extra_heads="".join(f'<th data-type="num">{esc(head)}</th>' for _, head, _ in columns),
+        rows="\n".join(_row(i, r, columns) for i, r in enumerate(rows, 1)),
+        confidence_note=_confidence_note(has_std), change_vmax=f"{CHANGE_VMAX:g}",
+        std_panel=(f" | std across the TTA passes (mean over the bands, fixed scale 0-{STD_VMAX:g})"
+                   if has_std else ""),
         gallery=gallery or '<p class="muted">No figures (max_tiles=0 or no valid outputs).</p>',
     )

@@ -210,7 +210,8 @@ class RandomCropPairs(Dataset):
     """
 
     def __init__(self, sources: Sequence[PairSource], crop: int, seed: int, params: Params,
-                 real_weight: float | None = None, month_dropout: float = 0.0, biome_dropout: float = 0.0) -> None:
+                 real_weight: float | None = None, month_dropout: float = 0.0, biome_dropout: float = 0.0,
+                 colour_jitter: float = 0.0) -> None:
         if not sources:
             raise ValueError("no training tiles")
         self.sources = list(sources)
@@ -219,6 +220,7 @@ class RandomCropPairs(Dataset):
         self.params = params
         self.weights = sampling_weights(self.sources, real_weight)
         self.month_dropout, self.biome_dropout = float(month_dropout), float(biome_dropout)
+        self.colour_jitter = float(colour_jitter)
 
     def source_at(self, index: int) -> PairSource:
         """The tile sample `index` is cut from (the first draw of its Generator, as __getitem__ does)."""
@@ -234,7 +236,7 @@ class RandomCropPairs(Dataset):
             truth = _reflect_to(read_truth(src.path), self.crop)
             size = min(self.crop + 2 * _MARGIN, truth.shape[1], truth.shape[2])
             y, x = _crop_window(rng, truth.shape[1], truth.shape[2], size)
-            big = truth[:, y:y + size, x:x + size]
+            big = recoloured(truth[:, y:y + size, x:x + size], self.colour_jitter, [self.seed, int(index)])
             v1 = degrade(big, rng, self.params)
             # cut the margin (or what of it fits) so the crop is exactly `crop` px
             o = (size - self.crop) // 2
@@ -250,6 +252,18 @@ class RandomCropPairs(Dataset):
                 "month": _long(UNKNOWN_MONTH if drop_month else src.month),
                 "biome": _long(UNKNOWN_BIOME if drop_biome else src.biome),
                 "clean": torch.tensor(bool(np.array_equal(v1, target)))}
+
+
+def recoloured(truth: np.ndarray, jitter: float, key: list[int]) -> np.ndarray:
+    """The true crop with each band scaled by exp(N(0, jitter)) (clipped to [0, 1]): a scene of another
+    colour, as another source, season or sensor would show it, for both sides of the pair.
+
+    Drawn from its own stream (`key` plus 1), so the crop and its errors are those of jitter 0.
+    """
+    if jitter <= 0:
+        return truth
+    gain = np.exp(np.random.default_rng([*key, 1]).normal(0.0, jitter, (truth.shape[0], 1, 1)))
+    return np.clip(truth * gain, 0.0, 1.0).astype(truth.dtype)
 
 
 def _long(value: int) -> torch.Tensor:
@@ -313,7 +327,8 @@ class PairDataModule(L.LightningDataModule):
     def __init__(self, *, pairs_dir: str | Path | None, optical_dir: str | Path | None, crop: int, batch_size: int,
                  samples_per_epoch: int, val_fraction: float, seed: int, val_seed: int,
                  degrade: Mapping[str, Any] | Params, num_workers: int, pin_memory: bool,
-                 real_weight: float | None, month_dropout: float = 0.0, biome_dropout: float = 0.0) -> None:
+                 real_weight: float | None, month_dropout: float = 0.0, biome_dropout: float = 0.0,
+                 colour_jitter: float = 0.0) -> None:
         """Settings from conf/train.yaml's `data` and `degrade` (the app checks crop against the patch size)."""
         super().__init__()
         if pairs_dir in (None, "") and optical_dir in (None, ""):
@@ -331,6 +346,9 @@ class PairDataModule(L.LightningDataModule):
         self.real_weight = checked_real_weight(real_weight)
         self.month_dropout = checked_share(month_dropout, "data.month_dropout")
         self.biome_dropout = checked_share(biome_dropout, "data.biome_dropout")
+        if colour_jitter < 0:
+            raise ValueError(f"data.colour_jitter must be >= 0 (sd of the log band gain), got {colour_jitter}")
+        self.colour_jitter = float(colour_jitter)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.train_sources: list[PairSource] = []
         self.val_sources: list[PairSource] = []
@@ -362,7 +380,7 @@ class PairDataModule(L.LightningDataModule):
         rank, world = self._rank()
         return DataLoader(
             RandomCropPairs(self.train_sources, self.crop, self.seed, self.params, self.real_weight,
-                            self.month_dropout, self.biome_dropout),
+                            self.month_dropout, self.biome_dropout, self.colour_jitter),
             batch_size=self.batch_size, sampler=EpochSampler(self.samples_per_epoch, rank, world),
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False, drop_last=True)

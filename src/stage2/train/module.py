@@ -68,6 +68,7 @@ class RefinerTrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.resumed_best = recorded_best(checkpoint)
+        with_unknown_month_moments(checkpoint, self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[BEST_KEY] = better(self.resumed_best, run_best(checkpoint))
@@ -135,9 +136,7 @@ class RefinerTrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (no weight decay on biases, norms and embeddings), linear warm-up, cosine decay."""
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (no_decay if p.ndim <= 1 or "embed" in name or "token" in name else decay).append(p)
+        decay, no_decay = param_groups(self.model)
         cfg = self.optim_cfg
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
@@ -153,6 +152,30 @@ class RefinerTrainModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def param_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(with weight decay, without: biases, norms and embeddings), in the optimiser's order."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or "embed" in name or "token" in name else decay).append(p)
+    return decay, no_decay
+
+
+def with_unknown_month_moments(checkpoint: dict[str, Any], model: torch.nn.Module) -> None:
+    """A .ckpt written before the unknown month (12 month rows) resumes: its AdamW moments of the month
+    embedding gain a zero row 0, as its weights do on load (Stage2Refiner's load hook)."""
+    weight = (checkpoint.get("state_dict") or {}).get("model.month_embed.weight")
+    rows = model.month_embed.num_embeddings
+    if weight is None or weight.shape[0] != rows - 1:
+        return
+    decay, no_decay = param_groups(model)
+    index = next(i for i, p in enumerate([*decay, *no_decay]) if p is model.month_embed.weight)
+    for opt in checkpoint.get("optimizer_states") or []:
+        state = opt.get("state", {}).get(index, {})
+        for key, moment in state.items():
+            if isinstance(moment, torch.Tensor) and moment.shape[:1] == (rows - 1,):
+                state[key] = torch.cat((moment.new_zeros(1, *moment.shape[1:]), moment))
 
 
 def run_best(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
