@@ -11,10 +11,11 @@ writer (atomic NPZ then JSON), the change statistics and the per-tile quality me
   off and on in its reference form, side by side (the modes alternate within each round), and that
   figure per core used, so a GPU user knows how many cores keep a GPU busy. Without DataLoader
   workers the process does all the work, and the same steady span is also measured in its CPU time
-  (tiles per CPU second): the figure other jobs on shared cores change least.
+  (tiles per CPU second): the figure other jobs on shared cores change least. With quality on, the
+  median thread CPU time of the writer's quality call per tile (in the pipeline, caches as they are).
 
 usage: python benchmarks/bench_datapath.py [--sizes 120 256] [--count 200] [--workers 0 1 2]
-       [--writer-threads 0 1 2] [--batch-size 16] [--quality on off reference] [--repeat 3]
+       [--writer-threads 0 1 2] [--batch-size 16] [--quality on off reference] [--repeat 2]
        [--metric-rounds 7] [--workdir DIR]
 """
 
@@ -72,13 +73,21 @@ def compose(overrides: list[str], run_dir: Path):
 
 
 @contextlib.contextmanager
-def quality_form(mode: str):
-    """The writer's `tile_quality` (looked up at each call) replaced by the reference for mode 'reference'."""
+def quality_form(mode: str, spent: list[float]):
+    """The writer's `tile_quality` (looked up at each call) in the form of `mode` (the reference for
+    'reference'), timed: each call's thread CPU time is appended to `spent`."""
     from stage2 import quality
 
     fast = quality.tile_quality
-    if mode == "reference":
-        quality.tile_quality = quality.reference_tile_quality
+    form = quality.reference_tile_quality if mode == "reference" else fast
+
+    def timed(*args, **kwargs):
+        t = time.thread_time()
+        out = form(*args, **kwargs)
+        spent.append(time.thread_time() - t)
+        return out
+
+    quality.tile_quality = timed
     try:
         yield
     finally:
@@ -111,9 +120,9 @@ def cpu_steady(marks: list[tuple[int, float]]) -> float | None:
 
 
 def one_run(tiles: Path, out: Path, ckpt: Path, workers: int, writers: int, batch: int,
-            mode: str) -> tuple[float, float, float | None]:
+            mode: str) -> tuple[float, float, float | None, float | None]:
     """(steady tiles/s as the summary measures it, whole-run tiles/s, steady tiles per CPU second of the
-    process) of one in-process run, identity model."""
+    process, median ms of the quality metrics per tile) of one in-process run, identity model."""
     from stage2.predict import app
 
     shutil.rmtree(out, ignore_errors=True)
@@ -123,14 +132,16 @@ def one_run(tiles: Path, out: Path, ckpt: Path, workers: int, writers: int, batc
                    "trainer.enable_progress_bar=false"],
                   out.parent / "run")
     marks: list[tuple[int, float]] = []
+    spent: list[float] = []
     t = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), quality_form(mode), cpu_marks(marks):
+    with contextlib.redirect_stdout(io.StringIO()), quality_form(mode, spent), cpu_marks(marks):
         code = app.run(cfg)
     wall = time.perf_counter() - t
     if code != 0:
         raise RuntimeError(f"predict exited {code}")
     summary = json.loads((out / "_stage2_summary.json").read_text())
-    return summary["tiles_per_s"], summary["processed"] / wall, cpu_steady(marks)
+    quality_ms = 1e3 * float(np.median(spent)) if spent else None
+    return summary["tiles_per_s"], summary["processed"] / wall, cpu_steady(marks), quality_ms
 
 
 def metric_forms() -> dict[str, tuple[Callable, Callable]]:
@@ -199,7 +210,7 @@ def main() -> None:
     ap.add_argument("--quality", nargs="+", choices=QUALITY_MODES, default=list(QUALITY_MODES),
                     help="pipeline modes, alternated within each round: quality on (the CPU form), off, "
                          "and on in the reference form")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds per setting; each figure is the best")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds per setting; each figure is the best")
     ap.add_argument("--metric-rounds", type=int, default=7, help="rounds of the per-metric costs (0: skip)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -225,7 +236,7 @@ def main() -> None:
             results["metric_costs"].append({"size": size, "rows": rows})
         for w in args.workers:
             for t in args.writer_threads:
-                runs: dict[str, list[tuple[float, float, float | None]]] = {m: [] for m in args.quality}
+                runs: dict[str, list[tuple[float, float, float | None, float | None]]] = {m: [] for m in args.quality}
                 for _ in range(args.repeat):
                     for m in args.quality:
                         runs[m].append(one_run(tiles, work / "out", ckpt, w, t, args.batch_size, m))
@@ -233,17 +244,20 @@ def main() -> None:
                 row = {"size": size, "workers": w, "writer_threads": t, "cores_used": used}
                 for m, r in runs.items():
                     cpu = [x[2] for x in r if x[2] is not None] if w == 0 else []
+                    q_ms = [x[3] for x in r if x[3] is not None]
                     row[m] = {"steady_tiles_per_s": max(x[0] for x in r), "whole_run_tiles_per_s": max(x[1] for x in r),
                               "steady_tiles_per_s_per_core": max(x[0] for x in r) / used,
                               "steady_tiles_per_cpu_s": max(cpu) if cpu else None,
-                              "rounds_steady": [x[0] for x in r], "rounds_per_cpu_s": cpu}
+                              "quality_ms_per_tile": min(q_ms) if q_ms else None,
+                              "rounds_steady": [x[0] for x in r], "rounds_per_cpu_s": cpu, "rounds_quality_ms": q_ms}
                 results["pipeline"].append(row)
                 print(f"  {size:4d} px  workers {w}  writer threads {t}  ({used} cores used)")
                 for m in args.quality:
-                    cpu = row[m]["steady_tiles_per_cpu_s"]
+                    cpu, q_ms = row[m]["steady_tiles_per_cpu_s"], row[m]["quality_ms_per_tile"]
                     print(f"      quality {m:<9s}  steady {row[m]['steady_tiles_per_s']:7.1f} tiles/s, "
                           f"{row[m]['steady_tiles_per_s_per_core']:6.1f} per core"
-                          + (f";  {cpu:6.1f} tiles per CPU second" if cpu else ""), flush=True)
+                          + (f";  {cpu:6.1f} tiles per CPU second" if cpu else "")
+                          + (f";  quality {q_ms:.3f} ms per tile" if q_ms else ""), flush=True)
     (work / "datapath_result.json").write_text(json.dumps(results, indent=2))
     print(f"results: {work / 'datapath_result.json'}")
 

@@ -54,7 +54,8 @@ WORSE = 1.02
 CROP = 64
 
 # The demo's command line before its recipe, as the Makefile runs it.
-DEMO = ["hardware=cpu", "precision=32", "seed=0", "trainer.max_time=00:00:30:00", "trainer.enable_progress_bar=false",
+DEMO = ["hardware=cpu", "precision=32", "seed=0", "trainer.max_epochs=8", "trainer.max_time=00:01:00:00",
+        "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false"]
 
 

@@ -25,6 +25,7 @@ COMMANDS = {            # command -> (its config in conf/, the module of its Hyd
     "stage2.report": ("report", "stage2.report.app"),
     "stage2.evaluate": ("evaluate", "stage2.evaluate.app"),
     "stage2.degrade": ("degrade", "stage2.train.degrade"),
+    "stage2.catalog": ("catalog", "stage2.catalog.app"),
 }
 GROUPS_TITLE = "== Configuration groups =="
 GROUP_LINE = re.compile(r"^(?P<key>\S+): (?P<options>.+) \(selected: (?P<selected>\S+)\)$")

@@ -36,6 +36,7 @@ COMMANDS = {            # command -> (app module, a line its `--cfg job` prints)
     "stage2.report": ("stage2.report.app", "max_tiles: 50"),
     "stage2.evaluate": ("stage2.evaluate.app", "truth_dir: ???"),
     "stage2.degrade": ("stage2.train.degrade", "truth_dir: ???"),
+    "stage2.catalog": ("stage2.catalog.app", "verbose: false"),
 }
 
 

@@ -42,8 +42,9 @@ RED, NIR = 2, 3                  # band indices in [B02, B03, B04, B08]
 METRICS = ("rmse", "psnr", "ndvi_rmse", "edge_preservation")
 LOWER_IS_BETTER = {"rmse": True, "psnr": False, "ndvi_rmse": True, "edge_preservation": False}
 # Tiles are measured in squares of BLOCK_SIDE px (a 256 px tile is one), which stay in the CPU's
-# cache: for the pixels of a 4096 px tile, the NIR Sobel took 1.5-1.9 s in 64-row blocks and
-# 0.58-0.68 s in 256 px squares (2 shared cores, under load). It also bounds every temporary.
+# cache and bound every temporary. tile_quality of a 256 px tile took 0.87 ms as one block, 1.31 ms
+# in 128 px blocks and 2.85 ms in 64 px ones (more calls, each too short); a 2048 px tile 0.063 s
+# (the reference, with whole-tile temporaries: 0.17 s). Thread CPU time on 2 loaded cores.
 BLOCK_SIDE = 256
 
 
@@ -118,13 +119,17 @@ def reference_tile_quality(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | N
 
 
 # ----------------------------------------------------------------------------- the CPU form
-# Measured on 256 px tiles, one core (benchmarks/bench_datapath.py prints the figures of its run):
-# what made the reference slow was np.hypot (0.32 ms per band; sqrt(gx*gx + gy*gy) 0.03 ms, equal
-# within 1 float32 ulp), padding and 2-D strided slices (a column-shifted 2-D operation costs 2-3x a
-# flat one: 0.015-0.025 vs 0.007 ms), and float64 copies of both magnitudes made twice. Here every
-# full-size pass is a flat, contiguous one, the borders are fixed by row and column writes, and the
-# Pearson sums take one pass (float64 einsum, not np.dot: OpenBLAS may start its own threads for a
-# dot this long, which only competes with the model for cores in the writer threads).
+# Measured on real 256 px tiles, thread CPU time on 2 loaded cores (benchmarks/bench_datapath.py
+# prints these figures for its own run): tile_quality 1.75 ms in the reference form, 0.85 ms here
+# (in the pipeline, 2.0 -> 1.05 ms). What made the reference slow: np.hypot (0.32 ms per band;
+# sqrt(gx*gx + gy*gy) takes 0.03 ms and differs by at most 1 float32 ulp), np.pad and column-shifted
+# 2-D slices (0.015-0.025 ms per operation against 0.007 ms for a flat one), and fresh whole-array
+# temporaries. Here every full-size pass is flat and contiguous, into buffers, and the borders are
+# written again by row and column. The Pearson sums stay float64 (about 0.2 ms per block): float32
+# partial sums would save about 0.1 ms but move r by up to 2e-8, and RowQuality, which takes other
+# blocks, would no longer equal tile_quality within 1e-12. float64 einsum, not np.dot: OpenBLAS
+# starts its own threads for a dot this long, which spin on cores the model or the other writer
+# threads need.
 
 def tile_quality(v1: np.ndarray, v2: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float | None]:
     """The per-tile `quality` object of the output JSON (plain floats or None: JSON-safe).
@@ -358,6 +363,8 @@ class RowQuality:
 # ----------------------------------------------------------------------------- the device form
 # Batched on the tensors' device (the model's): on a GPU the host then only reads the results, one
 # small copy per batch. float32 per pixel as the reference, float64 sums. torch is imported here only.
+# Not for CPU tensors in the pipeline: there the NumPy forms are faster (on one thread, per 256 px
+# tile of a batch of 16: quality 2.5 ms against 0.85, change 2.3 ms, band statistics 5.3 ms).
 
 def batch_quality_torch(v1: torch.Tensor, v2: torch.Tensor, valid: torch.Tensor | None = None
                         ) -> list[dict[str, float | None]]:
@@ -418,7 +425,7 @@ def batch_change_torch(v1: torch.Tensor, v2: torch.Tensor, valid: torch.Tensor |
     v1, v2 = _float_torch(v1), _float_torch(v2)
     d = (v2 - v1).abs()
     if valid is None:
-        count = torch.full((d.shape[0],), d[0].numel(), dtype=torch.float64, device=d.device)
+        count = torch.full((d.shape[0],), math.prod(d.shape[1:]), dtype=torch.float64, device=d.device)
     else:
         mask = valid.to(d.device, torch.bool)
         d = torch.where(mask[:, None], d, 0)

@@ -357,3 +357,24 @@ def test_an_unknown_tta_is_a_run_error_naming_the_key_and_the_choices(tmp_path, 
     assert code == 2
     assert "tta='rot90' is not one of none, flips, d4" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("h, w, holes", [(64, 64, False), (37, 91, True), (1, 1, False), (16, 16, True)])
+def test_the_confidence_statistics_are_numpys(h, w, holes):
+    from stage2.predict.confidence import ChangeSum, confidence
+
+    rng = np.random.default_rng(h * w)
+    v1, v2 = (rng.random((4, h, w), dtype=np.float32) for _ in range(2))
+    std = (rng.random((4, h, w), dtype=np.float32) * 0.02).astype(np.float32)
+    valid = rng.random((h, w)) > 0.3 if holes else None
+    keep = np.ones((h, w), bool) if valid is None else valid
+    change = ChangeSum()
+    for r in range(0, h, 7):                            # strip by strip, as a windowed tile adds them
+        change.add(v1[:, r:r + 7], v2[:, r:r + 7], None if valid is None else valid[r:r + 7])
+    conf = confidence(change, std, valid)
+    assert conf["mean_abs_change"] == pytest.approx(np.abs(v2.astype(np.float64) - v1)[:, keep].mean(), abs=1e-9)
+    for band, s in zip(BANDS, std, strict=True):
+        assert conf[band]["std_mean"] == pytest.approx(s[keep].astype(np.float64).mean(), abs=1e-9)
+        assert conf[band]["std_p95"] == pytest.approx(float(np.percentile(s[keep], 95)), abs=1e-8)
+    nothing = confidence(ChangeSum(), std, np.zeros((h, w), bool))
+    assert nothing["mean_abs_change"] is None and nothing["B02"] == {"std_mean": None, "std_p95": None}

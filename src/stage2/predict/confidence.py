@@ -10,6 +10,7 @@ numpy only: the run's plan and its rerun trust read the modes without importing 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -53,16 +54,25 @@ class ChangeSum:
 
 
 def std_stats(std: np.ndarray, valid: np.ndarray | None = None) -> dict[str, dict[str, float | None]]:
-    """Per band of a (4, H, W) std: the mean and the 95th percentile (numpy's linear one) of the valid pixels."""
-    out = {}
-    for band, values in zip(BANDS, std, strict=True):
-        values = values[valid] if valid is not None else values.ravel()
-        if values.size == 0:
-            out[band] = {"std_mean": None, "std_p95": None}
-            continue
-        out[band] = {"std_mean": float(np.add.reduce(values, dtype=np.float64)) / values.size,
-                     "std_p95": float(np.percentile(values, STD_PERCENTILE))}
-    return out
+    """Per band of a (4, H, W) std: the mean and the 95th percentile of the valid pixels, as
+    numpy.percentile's linear one computes it.
+
+    Why not numpy.percentile itself: it partitions a copy per band twice over; one partition of all
+    bands at the lower order statistic, and the minimum above it for the next, took 0.6 ms per 256 px
+    tile instead of 3.4 ms (the same value to 1e-9).
+    """
+    flat = std.reshape(std.shape[0], -1) if valid is None else std[:, valid]
+    n = flat.shape[1]
+    if n == 0:
+        return {band: {"std_mean": None, "std_p95": None} for band in BANDS}
+    pos = (n - 1) * STD_PERCENTILE / 100
+    lo = math.floor(pos)
+    above = np.partition(flat, lo, axis=1)[:, lo:]
+    low = above[:, 0].astype(np.float64)
+    high = above[:, 1:].min(axis=1).astype(np.float64) if above.shape[1] > 1 else low
+    p95 = low + (pos - lo) * (high - low)
+    means = np.add.reduce(flat, axis=1, dtype=np.float64) / n
+    return {band: {"std_mean": float(means[i]), "std_p95": float(p95[i])} for i, band in enumerate(BANDS)}
 
 
 def confidence(change: ChangeSum, std: np.ndarray | None, valid: np.ndarray | None) -> dict[str, Any]:

