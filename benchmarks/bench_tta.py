@@ -45,8 +45,10 @@ def main() -> None:
     from stage2.predict import module as module_
     from stage2.predict.confidence import TTA_PASSES
     from stage2.predict.data import collate
-    from stage2.runtime import resolve_precision
+    from stage2.runtime import keep_freed_memory, resolve_precision
     from stage2.tiles import Tile
+
+    keep_freed_memory()         # as predict does on a CPU (Stage2Module.on_predict_start)
 
     rng = np.random.default_rng(0)
     tiles = [Tile(f"t{i}", None, rng.random((4, args.size, args.size), dtype=np.float32), {}, 6, 0)
