@@ -81,8 +81,8 @@ def test_the_tile_list_and_the_statistics_match_the_run(run_outputs):
         values = np.concatenate([a[b].ravel() for a in arrays]).astype(np.float64)
         values = values[~np.isnan(values)]
         assert result.band_stats[band]["count"] == values.size == 3 * 64 * 64 - NAN_ROWS * 64
-        assert math.isclose(result.band_stats[band]["mean"], values.mean(), rel_tol=1e-12)
-        assert math.isclose(result.band_stats[band]["std"], values.std(), rel_tol=1e-9)
+        assert math.isclose(result.band_stats[band]["mean"], values.mean(), rel_tol=1e-7)
+        assert math.isclose(result.band_stats[band]["std"], values.std(), rel_tol=1e-6)
 
 
 def _datamodule(out: Path, labels: Path, **changes):

@@ -44,11 +44,12 @@ def folder(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 def assert_stats_equal(got: dict, want: dict) -> None:
+    """Per-tile sums run in float32 within runs of 256 values (product.band_stats): 1e-8 relative."""
     for band in BANDS:
         assert got[band]["count"] == want[band]["count"]
         assert got[band]["min"] == want[band]["min"] and got[band]["max"] == want[band]["max"]
-        assert math.isclose(got[band]["mean"], want[band]["mean"], rel_tol=1e-12)
-        assert math.isclose(got[band]["std"], want[band]["std"], rel_tol=1e-9)
+        assert math.isclose(got[band]["mean"], want[band]["mean"], rel_tol=1e-7)
+        assert math.isclose(got[band]["std"], want[band]["std"], rel_tol=1e-6)
 
 
 # ---------------------------------------------------------------------------- tile list and statistics
@@ -91,8 +92,8 @@ def test_the_terratorch_file_has_only_keys_the_installed_datamodule_takes(folder
     assert args["dataset_bands"] == args["output_bands"] == ["BLUE", "GREEN", "RED", "NIR_NARROW"]
     assert args["rgb_indices"] == [2, 1, 0] and args["no_data_replace"] == 0 and args["no_label_replace"] == -1
     want = pooled(list(arrays.values()))
-    np.testing.assert_allclose(args["means"], [want[b]["mean"] for b in BANDS], rtol=1e-12)
-    np.testing.assert_allclose(args["stds"], [want[b]["std"] for b in BANDS], rtol=1e-9)
+    np.testing.assert_allclose(args["means"], [want[b]["mean"] for b in BANDS], rtol=1e-7)
+    np.testing.assert_allclose(args["stds"], [want[b]["std"] for b in BANDS], rtol=1e-6)
     for placeholder in ("num_classes", "batch_size", "train_label_data_root", "label_grep"):
         assert f"# {placeholder}:" in (out / TERRATORCH_FILE).read_text()
 
