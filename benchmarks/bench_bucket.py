@@ -1,4 +1,4 @@
-"""Bucket runs (issue 15, SPEC 10) on a local S3 API: the rerun of a finished prefix, as a user runs it.
+"""Bucket runs (issue 15, docs/output.md#cog) on a local S3 API: the rerun of a finished prefix, as a user runs it.
 
 moto runs as its own process (as a real endpoint would: in the client's process it would share its
 GIL). N small tiles (half with a sidecar) are uploaded to s3://bench/in; `python -m stage2.predict`

@@ -4,7 +4,7 @@ Everything else is the real run, in-process through the composed conf/predict.ya
 and validating each tile, padding and collation, the size-bucketing sampler, DataLoader workers, the
 writer (atomic NPZ then JSON), the change statistics and the per-tile quality metrics. What it prints:
 
-- per size, the per-metric costs of the quality metrics (ms per tile, SPEC 7) in their reference form
+- per size, the per-metric costs of the quality metrics (ms per tile, docs/usage.md#quality) in their reference form
   (`stage2.quality.reference_*`, the definition) and in the CPU form the writer uses, measured side
   by side on the same real tiles, with the largest difference between the two;
 - per size and number of DataLoader workers and writer threads, the steady tiles/s with quality on,
@@ -47,7 +47,7 @@ class Identity(torch.nn.Module):
 
     patch_size = 16
     config = {"name": "identity"}
-    conditioning = None         # no record of trained months and biomes (SPEC 6)
+    conditioning = None         # no record of trained months and biomes (docs/architecture.md#model)
 
     def forward_padded(self, x: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
         return x.clone()

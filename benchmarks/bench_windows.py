@@ -1,4 +1,4 @@
-"""Tiles of any size (issue 14, SPEC 9): time per megapixel, what the overlap costs and buys, peak memory.
+"""Tiles of any size (issue 14, docs/large-tiles.md): time per megapixel, what the overlap costs and buys, peak memory.
 
 One run, one machine, one checkpoint (prithvi_eo_tiny, seeded as in tests/conftest.py), one batch size
 and precision; every tile is made from real Sentinel-2 tiles (examples/, and ../shared/data/s2_real

@@ -1,4 +1,4 @@
-"""Several processes for one run (SPEC 4): what Lightning's DDP launcher needs from a Hydra app.
+"""Several processes for one run (docs/usage.md#running): what Lightning's DDP launcher needs from a Hydra app.
 
 Lightning splits nothing itself here (stage2's batch sampler deals whole batches to the ranks);
 this module only keeps the process-level state of one run to that run:

@@ -1,4 +1,4 @@
-"""No-data pixels under `nan_policy: mask` (SPEC 9): which pixels they are, and what the model sees there.
+"""No-data pixels under `nan_policy: mask` (docs/large-tiles.md): which pixels they are, and what the model sees there.
 
 A pixel is no data when any of its bands is NaN (a spectrum with a missing band is not a reflectance).
 The model needs a value everywhere, so each no-data pixel takes the spectrum of its nearest valid pixel

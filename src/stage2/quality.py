@@ -1,4 +1,4 @@
-"""Quality checks of the Stage 2 guide, computed for every tile (SPEC 7).
+"""Quality checks of the Stage 2 guide, computed for every tile (docs/usage.md#quality).
 
 - NDVI preservation: RMSE between the NDVI of opt_v1 and of opt_v2 (target < 0.05): refinement
   must not change the vegetation signal Stage 3 relies on.
@@ -7,7 +7,7 @@
 - Against a truth (`compare`: RMSE, PSNR, and both of the above), for stage2.evaluate and the
   training validation.
 
-Three forms of the same numbers (SPEC 12: per-pixel work where it is cheapest), equal within 1e-5:
+Three forms of the same numbers (docs/confidence.md: per-pixel work where it is cheapest), equal within 1e-5:
 - `reference_tile_quality` (`reference_ndvi_rmse`, `reference_edge_preservation`): the definition,
   whole-tile arrays, float64 sums; the tests and benchmarks/bench_datapath.py measure the others
   against it.

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("stage2")
 
-# Exit codes, one meaning each (SPEC 5).
+# Exit codes, one meaning each (docs/usage.md#errors).
 EXIT_OK = 0              # every tile written
 EXIT_TILES_FAILED = 1    # some tiles failed, each listed in _stage2_failures.jsonl
 EXIT_RUN_ERROR = 2       # a run-level error found before anything was written
@@ -62,7 +62,7 @@ def guarded(run: Callable[[], int], cfg: DictConfig | None = None, prog: str = "
             outcome: dict[str, Any] | None = None) -> int:
     """Call `run()` and turn what it raises into an exit code: the one error wrapper of every command.
 
-    Each outcome is one console line on stderr (SPEC 5): RunError -> `<prog>: error: ...`, exit 2;
+    Each outcome is one console line on stderr (docs/usage.md#errors): RunError -> `<prog>: error: ...`, exit 2;
     RunStopped -> `<prog>: stopped: ...`, exit 3; any other exception -> `<prog>: stopped:
     unexpected ...`, exit 3; Ctrl-C or SIGTERM -> `<prog>: interrupted`, exit 130. The traceback
     always goes to the log file, and to the console only with `verbose=true`. `outcome`, when
@@ -133,7 +133,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 @contextmanager
 def interrupt_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt for the command's duration (exit 130, SPEC 5).
+    """SIGINT and SIGTERM raise KeyboardInterrupt for the command's duration (exit 130, docs/usage.md#errors).
 
     SIGTERM would otherwise end the process at once, with no summary. DataLoader workers inherit
     the handler; torch's worker loop ends quietly on KeyboardInterrupt. Outside the main thread
@@ -200,7 +200,7 @@ def require_dir(path: Path, key: str, hint: str) -> Path:
 def _aoi_dir(data_root: str, kind: str, aoi: str | None) -> str | None:
     if aoi in (None, "", "None"):
         return None
-    if "://" in str(data_root):             # a bucket (SPEC 10): Path would fold the URL's "//"
+    if "://" in str(data_root):             # a bucket (docs/buckets.md): Path would fold the URL's "//"
         return f"{str(data_root).rstrip('/')}/{kind}/{aoi}"
     return str(Path(data_root) / kind / str(aoi))
 
@@ -228,7 +228,7 @@ def check_precision(value: Any) -> None:
 
 
 def resolve_precision(value: Any, on_gpu: bool, profile_amp: str) -> str:
-    """Map the user's `precision` onto a Lightning precision string (SPEC 4).
+    """Map the user's `precision` onto a Lightning precision string (docs/usage.md#running).
 
     `auto`: on a GPU the profile's mixed precision (fp16 where bf16 is not supported); on a CPU
     bf16 autocast where the CPU computes bf16 natively, else fp32. `32` is always exact fp32.

@@ -1,4 +1,4 @@
-"""Stage 1 input: read and validate one NPZ tile and its JSON sidecar (SPEC 2, 5).
+"""Stage 1 input: read and validate one NPZ tile and its JSON sidecar (docs/input.md, docs/usage.md#errors).
 
 Pure numpy and the standard library, no torch: the "nothing to do" fast path, the DataLoader
 workers and the report all use it without paying for a deep-learning import.
@@ -29,7 +29,7 @@ MIN_SIDE = 16
 DEFAULT_MONTH = 6
 DEFAULT_BIOME = 0
 CLIP_TOLERANCE = 0.01
-NAN_POLICIES = ("fail", "mask")     # SPEC 9: NaN fails the tile, or marks no-data pixels
+NAN_POLICIES = ("fail", "mask")     # docs/large-tiles.md: NaN fails the tile, or marks no-data pixels
 
 _MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
            "september", "october", "november", "december"]
@@ -201,7 +201,7 @@ def sidecar_path(npz_path: Path) -> Path | None:
 
 
 def _no_default(value: Any) -> bool:
-    """null, or a blank string: the key falls back to its default (SPEC 2)."""
+    """null, or a blank string: the key falls back to its default (docs/input.md)."""
     return value is None or (isinstance(value, str) and not value.strip())
 
 
@@ -314,7 +314,7 @@ def _load_array(path: Path) -> np.ndarray:
 
 
 def to_reflectance(arr: np.ndarray, input_scale: float | None, input_offset: float | None) -> np.ndarray:
-    """Integer digital numbers -> float32 reflectance, DN x input_scale + input_offset (SPEC 2).
+    """Integer digital numbers -> float32 reflectance, DN x input_scale + input_offset (docs/input.md).
 
     The one scaling of every reader (NPZ, GeoTIFF, a GeoTIFF window). Float arrays are reflectance
     already and pass unchanged; an integer array without `input_scale` fails with a hint naming the
@@ -361,7 +361,8 @@ def _finite_number(value: Any) -> bool:
 
 
 def validate_array(arr: np.ndarray, allow_nan: bool = False) -> tuple[np.ndarray, int]:
-    """Check an opt_v1 array against SPEC 2/5; return it as float32 in [0, 1] and the clipped count.
+    """Check an opt_v1 array (docs/input.md, docs/usage.md#errors); return it as float32 in [0, 1] and the
+    clipped count.
 
     Values within CLIP_TOLERANCE outside [0, 1] are clipped in place (the array read from the file
     is not kept elsewhere, and a copy would double a large tile's memory). With `allow_nan`
@@ -456,7 +457,7 @@ def read_tile(path: str | os.PathLike, input_dir: str | os.PathLike | None = Non
               input_scale: float | None = None, input_offset: float | None = None) -> Tile:
     """Read and validate one Stage 1 NPZ tile and its sidecar; raise TileError with reason and hint.
 
-    nan_policy="mask" (SPEC 9): NaN pixels are allowed; `Tile.nodata` marks them and `Tile.array`
+    nan_policy="mask" (docs/large-tiles.md): NaN pixels are allowed; `Tile.nodata` marks them and `Tile.array`
     holds them filled from their nearest valid pixel (stage2.nodata), ready for the model.
     `input_scale`/`input_offset` scale an integer array (to_reflectance); float tiles ignore them.
     """

@@ -34,7 +34,7 @@ FOLDERS = (("truth_dir", "the true optical tiles"),
 def evaluate_app(cfg: DictConfig) -> int:
     """The evaluate command's steps: score, print the table, save the JSON and the figures.
 
-    Any of the three folders may be an fsspec URL (SPEC 10): its files are downloaded for the scoring
+    Any of the three folders may be an fsspec URL (docs/buckets.md): its files are downloaded for the scoring
     (every tile is read anyway), and the JSON and figures are uploaded into a bucket output_dir.
     """
     dirs = {key: required(cfg, key, what) for key, what in FOLDERS}

@@ -1,4 +1,4 @@
-"""opt_v2 as a Cloud Optimized GeoTIFF (SPEC 3, 10), and reading one back (report, evaluate).
+"""opt_v2 as a Cloud Optimized GeoTIFF (docs/output.md, docs/output.md#cog), and reading one back (report, evaluate).
 
 Written with GDAL's own COG driver (rasterio.shutil.copy from an in-memory dataset): float32, bands
 named B02, B03, B04, B08 (colour interpretation blue, green, red, undefined) with the band tags

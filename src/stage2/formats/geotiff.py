@@ -1,4 +1,5 @@
-"""GeoTIFF input (SPEC 2, 10): a 4-band [B02, B03, B04, B08] GeoTIFF read into the same Tile as an NPZ.
+"""GeoTIFF input: a 4-band [B02, B03, B04, B08] GeoTIFF read into the same Tile as an NPZ
+(docs/input.md, docs/output.md#cog).
 
 Float rasters are reflectance; integer rasters are digital numbers scaled by tiles.to_reflectance
 (input_scale, input_offset), the same function the NPZ reader uses. No-data pixels (the file's

@@ -1,4 +1,4 @@
-"""The predict app: `python -m stage2.predict checkpoint=... input_dir=... output_dir=...` (SPEC 4).
+"""The predict app: `python -m stage2.predict checkpoint=... input_dir=... output_dir=...` (docs/usage.md#running).
 
 A run is named steps, in the order users need them:
 - plan: check settings and paths (nothing is written; no torch, no terratorch);
@@ -267,7 +267,7 @@ def stop_reason(error: BaseException, output_dir: Path | str) -> str:
 
 # ---------------------------------------------------------------------------- the run
 def run(cfg: DictConfig, outcome: dict[str, Any] | None = None) -> int:
-    """One Stage 2 run; returns the exit code (SPEC 5: 0 ok, 1 some tiles failed, 2 run-level error,
+    """One Stage 2 run; returns the exit code (docs/usage.md#errors: 0 ok, 1 some tiles failed, 2 run-level error,
     3 stopped part-way, 130 interrupted).
 
     `outcome`, when given, is filled with what a sweep report needs (the summary's counts, the

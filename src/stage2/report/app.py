@@ -1,4 +1,4 @@
-"""`python -m stage2.report input_dir=... output_dir=... [report_dir=...] [max_tiles=N]` (SPEC 7).
+"""`python -m stage2.report input_dir=... output_dir=... [report_dir=...] [max_tiles=N]` (docs/usage.md#quality).
 
 A read-only check of a finished Stage 2 run, and the pictures a person needs to trust it:
 - counts: every input has a complete output and every output has an input (names listed either way,
@@ -7,7 +7,7 @@ A read-only check of a finished Stage 2 run, and the pictures a person needs to 
   the input's H and W, finite, in [0, 1];
 - per tile quality: from the output JSON, or computed here when the run had `quality=false`; it
   compares opt_v2 with opt_v1, so it measures how much Stage 2 changed the tile, not its error;
-- per tile the mean change |opt_v2 - opt_v1| and, for runs with TTA, the std mean (SPEC 12);
+- per tile the mean change |opt_v2 - opt_v1| and, for runs with TTA, the std mean (docs/confidence.md);
 - `report_dir/tiles/<name>.png` (worst quality first, up to max_tiles), `quality.png`, `index.html`.
 
 Exit 0 when everything checks out, 1 when counts do not match or an output is invalid (the report is

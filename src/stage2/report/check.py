@@ -1,8 +1,8 @@
-"""The report's checks: compare a Stage 2 run's inputs with its outputs and validate every output (SPEC 3).
+"""The report's checks: compare a Stage 2 run's inputs with its outputs and validate every output (docs/output.md).
 
 Read-only and pure numpy: counts (every input has a complete output and every output has an input,
 with the failure reason from `_stage2_failures.jsonl` where the run recorded one), every output's
-JSON and NPZ against SPEC 3, and each tile's quality (from its JSON, or computed here for runs with
+JSON and NPZ against docs/output.md, and each tile's quality (from its JSON, or computed here for runs with
 `quality=false`). The page and the terminal lines are made from the RunCheck this returns.
 """
 
@@ -27,7 +27,7 @@ REQUIRED_KEYS = ("stage", "timestamp", "processing")
 
 
 class OutputInvalid(Exception):
-    """One output that does not meet SPEC 3 (the reason is the message)."""
+    """One output that does not meet docs/output.md (the reason is the message)."""
 
 
 @dataclass
@@ -94,7 +94,7 @@ def _no_nan(const: str) -> float:
 
 
 def _load_json(path: Path) -> Any:
-    """Strict JSON (NaN/Infinity rejected, as SPEC 3 forbids them)."""
+    """Strict JSON (NaN/Infinity rejected, as docs/output.md forbids them)."""
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_nan)
 
 
@@ -171,7 +171,7 @@ def _failure_for(name: str, failures: list[dict[str, Any]]) -> dict[str, Any] | 
 
 def check_output(output_dir: Path, name: str, input_shape: tuple[int, ...] | None
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Validate one complete output against SPEC 3 (and its std layer against SPEC 12); return its
+    """Validate one complete output against docs/output.md (and its std layer against docs/confidence.md); return its
     metadata and layers."""
     js, npz = output_dir / f"{name}.json", output_dir / f"{name}.npz"
     try:
@@ -237,7 +237,7 @@ def read_opt_v2(output_dir: Path, name: str) -> tuple[Path, np.ndarray]:
 
 
 def _check_no_data(name: str, v2: np.ndarray, meta: dict[str, Any]) -> None:
-    """No Inf; NaN only on whole pixels, exactly as many as the run masked (nan_policy=mask, SPEC 9)."""
+    """No Inf; NaN only on whole pixels, exactly as many as the run masked (nan_policy=mask, docs/large-tiles.md)."""
     finite = np.isfinite(v2)
     if finite.all():
         return

@@ -1,4 +1,5 @@
-"""The report's figures: one comparison PNG per tile and the quality histograms (SPEC 7, 12).
+"""The report's figures: one comparison PNG per tile and the quality histograms
+(docs/usage.md#quality, docs/confidence.md).
 
 Uses matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas) rather than pyplot, so no
 global backend is switched, nothing needs a display, and figures are freed as soon as they are
