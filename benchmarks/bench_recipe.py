@@ -188,6 +188,8 @@ def main() -> None:
     rows = []
     for text in args.recipes:
         name, overrides = parse_recipe(text)
+        if not overrides and name in results:      # a recipe trained before, by its name
+            overrides = results[name]["overrides"]
         pt = train(name, overrides, args.out, optical_dir)
         tiles = test_tiles(args.out, name, args.extra_test_dir, optical_dir)
         s, t = score(pt, tiles, args.seeds), timing(args.out, name)

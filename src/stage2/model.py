@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import CONF_DIR
+
 # The learned "unknown" of each condition (SPEC 6): month 0 has an embedding row of its own (months
 # 1-12 keep rows 1-12); biome 0 is the guide's "open water or unknown" code.
 from .conditioning import UNKNOWN_BIOME, UNKNOWN_MONTH  # noqa: F401 - re-exported for model users

@@ -66,7 +66,7 @@ def _bad_tile_is_on_rank_1(inp: Path, patch_size: int) -> bool:
     keys = TileDataModule(files=files, input_dir=inp, batch_size=BATCH, num_workers=0, pin_memory=False,
                           patch_size=patch_size, nan_policy="fail",
                           window={"size": 256, "overlap": 64, "above": 512}, input_scale=None, input_offset=0.0,
-                          clashes=(), require_georeference=False).bucket_keys()
+                          clashes=(), require_georeference=False, unseen_conditioning="unknown").bucket_keys()
     rank1 = SizeBucketBatchSampler(keys, BATCH, rank=1, world_size=2).batches
     return any(files[i].name == "zz_bad.npz" for b in rank1 for i in b)
 

@@ -97,7 +97,8 @@ def _tiles(inp: Path, sizes=SIZES) -> list[str]:
 
 def _run(capsys, ckpt, inp, out, *overrides: str) -> tuple[int, str]:
     code = run(compose_predict(f"checkpoint={ckpt}", f"input_dir={inp}", f"output_dir={out}", *CPU, *overrides))
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def _module(model, tta: str, streams: int = 1) -> Stage2Module:
@@ -378,3 +379,31 @@ def test_the_confidence_statistics_are_numpys(h, w, holes):
         assert conf[band]["std_p95"] == pytest.approx(float(np.percentile(s[keep], 95)), abs=1e-8)
     nothing = confidence(ChangeSum(), std, np.zeros((h, w), bool))
     assert nothing["mean_abs_change"] is None and nothing["B02"] == {"std_mean": None, "std_p95": None}
+
+
+def test_a_bucket_keeps_the_tta_in_its_index_and_reruns_by_it(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """memory:// stands for any bucket: there the index answers a rerun, so it must say the tta too."""
+    import uuid
+
+    from stage2.store import open_store
+    from stage2.store.remote import BucketStore
+
+    inp = tmp_path / "in"
+    names = _tiles(inp, SIZES[:2])
+    out = open_store(f"memory://stage2-tta/{uuid.uuid4().hex}")
+    code, stdout = _run(capsys, tiny_ckpt, inp, out.url, "tta=flips", "output_format=cog")
+    assert code == 0, stdout
+    index = json.loads(out.read_bytes("_stage2_index.json"))["tiles"]
+    assert {index[n]["tta"] for n in names} == {"flips"}
+    assert {f"{n}.std.tif" for n in names} <= set(out.listing())
+    layers = read_output(f"{out.url}/{names[0]}.std.tif").layers
+    assert list(layers) == ["opt_v2", "opt_v2_std"]
+
+    read = []
+    real = BucketStore.read_many
+    monkeypatch.setattr(BucketStore, "read_many", lambda self, keys: read.extend(keys) or real(self, keys))
+    assert "nothing to do: 2 tiles" in _run(capsys, tiny_ckpt, inp, out.url, "tta=flips", "output_format=cog")[1]
+    assert read == []                                   # the index answered for every tile
+    code, stdout = _run(capsys, tiny_ckpt, inp, out.url, "tta=none", "output_format=cog")
+    assert code == 0 and "processed 2  skipped 0" in stdout, stdout
+    assert not any(k.endswith(".std.tif") for k in out.listing())

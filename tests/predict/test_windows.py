@@ -227,7 +227,7 @@ def test_progress_advances_through_a_large_tile_by_windows(windowed_run):
     files = sorted(inp.glob("*.npz"))
     data = TileDataModule(files=files, input_dir=inp, batch_size=3, num_workers=0, pin_memory=False, patch_size=16,
                           nan_policy="fail", window={"size": SIZE, "overlap": OVERLAP, "above": ABOVE},
-                          input_scale=None, input_offset=0.0, clashes=())
+                          input_scale=None, input_offset=0.0, clashes=(), unseen_conditioning="unknown")
     assert data.tiles_on_rank(0, 1) == pytest.approx(4)
     assert sum(data.tiles_on_rank(r, 2) for r in range(2)) == pytest.approx(4)
     shown = [float(n) for n in re.findall(r"\| ([\d.]+)/4 \[", r.stdout)]

@@ -271,7 +271,7 @@ class TileDataModule(L.LightningDataModule):
                  pin_memory: bool, patch_size: int, nan_policy: str, window: Mapping[str, Any],
                  input_scale: float | None, input_offset: float | None, clashes: Collection[str],
                  require_georeference: bool, states: Mapping[str, Mapping[str, Any]] | None = None,
-                 unseen_conditioning: str = "unknown", conditioning: Mapping[str, Any] | None = None) -> None:
+                 unseen_conditioning: str, conditioning: Mapping[str, Any] | None = None) -> None:
         """`conditioning`: the checkpoint's record of the months and biomes it was trained on (None: none)."""
         super().__init__()
         self.conditioner = Conditioner.of(conditioning, unseen_conditioning)

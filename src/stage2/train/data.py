@@ -327,8 +327,8 @@ class PairDataModule(L.LightningDataModule):
     def __init__(self, *, pairs_dir: str | Path | None, optical_dir: str | Path | None, crop: int, batch_size: int,
                  samples_per_epoch: int, val_fraction: float, seed: int, val_seed: int,
                  degrade: Mapping[str, Any] | Params, num_workers: int, pin_memory: bool,
-                 real_weight: float | None, month_dropout: float = 0.0, biome_dropout: float = 0.0,
-                 colour_jitter: float = 0.0) -> None:
+                 real_weight: float | None, month_dropout: float, biome_dropout: float,
+                 colour_jitter: float) -> None:
         """Settings from conf/train.yaml's `data` and `degrade` (the app checks crop against the patch size)."""
         super().__init__()
         if pairs_dir in (None, "") and optical_dir in (None, ""):

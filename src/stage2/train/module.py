@@ -45,7 +45,8 @@ class RefinerTrainModule(L.LightningModule):
                  pretrained_path: str | None, conditioning: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
-        self.loss_cfg = {"clean_weight": 0.0, **loss}   # l1_weight, ndvi_weight, ndvi_floor, clean_weight
+        # l1_weight, ndvi_weight, ndvi_floor, clean_weight, clean_scale (conf/train.yaml)
+        self.loss_cfg = {"clean_weight": 0.0, "clean_scale": 0.0, **loss}
         self.optim_cfg = dict(optim)    # lr, weight_decay, warmup_steps, min_lr_ratio
         # The months and biomes trained on (stage2.checkpoint.conditioning_record): in every .ckpt and .pt.
         model.conditioning = None if conditioning is None else dict(conditioning)
@@ -82,15 +83,21 @@ class RefinerTrainModule(L.LightningModule):
         return self.loss_cfg["l1_weight"] * l1 + self.loss_cfg["ndvi_weight"] * nd, l1, nd
 
     def clean_penalty(self, out: torch.Tensor, v1: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
-        """Mean |correction| of the batch's clean samples (input = truth), counted over the whole batch.
+        """The correction of the batch's clean samples (input = truth), averaged over the whole batch.
 
-        On a clean sample the L1 loss already is |correction|; `loss.clean_weight` adds this much more
-        of it, so a correction the input does not need costs more than a missed one.
+        On a clean sample the L1 loss already is |correction|; `loss.clean_weight` adds this much more.
+        Per pixel |c| (`loss.clean_scale` 0), or c^2 / clean_scale: equal to |c| at |c| = clean_scale,
+        less below it, more above. Why the quadratic form: where the model cannot yet tell clean from
+        degraded, an L1 term pulls every correction to exactly zero once the weighted clean share
+        outweighs the degraded one (and the refiner learns nothing), or lets it correct everything
+        when it does not; c^2 lets small, bounded corrections through and stops large ones.
         """
         if clean is None or not self.loss_cfg["clean_weight"]:
             return out.new_zeros(())
-        change = (out.float() - v1.float()).abs().mean(dim=(1, 2, 3))
-        return (change * clean.float()).mean()
+        c = out.float() - v1.float()
+        scale = float(self.loss_cfg["clean_scale"])
+        per_pixel = c * c / scale if scale > 0 else c.abs()
+        return (per_pixel.mean(dim=(1, 2, 3)) * clean.float()).mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model(batch["opt_v1"], batch["month"], batch["biome"])
