@@ -23,3 +23,9 @@ def test_the_format_layer_imports_no_rasterio_or_fsspec():
             "print(heavy); assert not heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_tile_named_like_another_tiles_spread_layer_clashes_with_it():
+    """`a.std.npz` would write `a.std.tif`, the per-pixel spread of `a` under tta: both fail, none is lost."""
+    _, collide = formats.input_keys(["a.npz", "a.std.npz", "b.std.tif", "c.npz"])
+    assert collide == {"a": ["a.npz"], "a.std": ["a.std.npz"]}

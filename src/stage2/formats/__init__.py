@@ -52,8 +52,9 @@ def load_tile(path: Path, input_dir: Path, *, nan_policy: str, input_scale: floa
                                  f"({tiles.RESERVED_PREFIX}*)",
                                  f"rename the tile: no name may start with {tiles.RESERVED_PREFIX}")
     if name in clashes:
-        return tiles.TileFailure(name, path, f"another input in input_dir has the same name {name!r} "
-                                 "(e.g. a.npz beside a.tif) and would write the same output",
+        return tiles.TileFailure(name, path, f"another input in input_dir writes an output of the same name as "
+                                 f"{name!r} (a.npz beside a.tif, or a.std.npz beside a.npz, whose a.std.tif "
+                                 "is a's per-pixel spread)",
                                  "keep one format of this tile in input_dir, or rename one of them")
     try:
         tile = read_tile(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
@@ -133,10 +134,16 @@ def input_keys(keys: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
     """The tile inputs among a listing's keys (sorted), and the output names more than one input would write.
 
     `a.npz` beside `a.tif` both name the output `a`: the caller fails them both rather than let
-    one overwrite the other's output.
+    one overwrite the other's output. So do `a.std.npz` beside `a.npz`: the COG of the first, `a.std.tif`,
+    is the name of the second's per-pixel spread (docs/confidence.md).
     """
     inputs = sorted(k for k in keys if is_input(k))
     by_name: dict[str, list[str]] = {}
     for key in inputs:
         by_name.setdefault(key.rsplit(".", 1)[0], []).append(key)
-    return inputs, {name: ks for name, ks in by_name.items() if len(ks) > 1}
+    clashes = {name: ks for name, ks in by_name.items() if len(ks) > 1}
+    for name, ks in by_name.items():
+        if name.endswith(".std") and name[:-len(".std")] in by_name:
+            clashes[name] = ks
+            clashes[name[:-len(".std")]] = by_name[name[:-len(".std")]]
+    return inputs, clashes

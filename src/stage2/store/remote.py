@@ -284,7 +284,7 @@ def _run_level_error(e: Exception, url: str, protocol: str) -> RunError | None:
     if isinstance(e, PermissionError) or (kind in ("ClientError", "HttpError") and _is_denied(e)):
         return RunError(f"{where}: access denied: the credentials in the environment were refused or lack "
                         "permission for this bucket; check them, or the bucket's policy")
-    if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
+    if isinstance(e, FileNotFoundError) and _names_a_missing_bucket(e):
         return RunError(_missing_bucket(url))
     return None
 
@@ -293,6 +293,13 @@ def _missing_bucket(url: str) -> str:
     bucket = safe_url(url).split("://", 1)[1].split("/", 1)[0]
     return (f"{safe_url(url)}: the bucket '{bucket}' does not exist (or these credentials cannot see it): "
             "create it or correct the URL")
+
+
+def _names_a_missing_bucket(e: FileNotFoundError) -> bool:
+    """S3's NoSuchBucket ("The specified bucket does not exist") or GCS's, not a missing key whose path
+    happens to contain the word "bucket"."""
+    text = str(e).lower()
+    return "nosuchbucket" in text or "bucket does not exist" in text or "bucket not found" in text
 
 
 def _is_denied(e: Exception) -> bool:
