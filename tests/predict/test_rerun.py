@@ -67,7 +67,11 @@ def test_a_retrained_checkpoint_never_mixes_into_the_folder(tmp_path, tiny_ckpt,
     sha = fingerprint(other_ckpt)["sha256"]
     for i in range(3):
         assert json.loads((out / f"t{i}.json").read_text())["processing"]["checkpoint_sha256"] == sha
-        assert np.abs(read_opt_v2(out / f"t{i}.npz") - _expected(other_ckpt, inp / f"t{i}.npz")).max() <= 1e-5
+        # made by the other checkpoint: within fp32 batch noise of it (its tiles ran in a batch of three,
+        # 1.2e-5 seen on this CPU), and far from the first checkpoint's output
+        got = read_opt_v2(out / f"t{i}.npz")
+        assert np.abs(got - _expected(other_ckpt, inp / f"t{i}.npz")).max() <= 1e-4
+        assert np.abs(got - first[i]).max() > 1e-3
     assert _summary(out)["checkpoint_sha256"] == sha
     assert "nothing to do: 3 tiles" in _run(capsys, other_ckpt, inp, out)[1]
 
@@ -157,7 +161,8 @@ def test_recursive_run_with_symlinked_folders_and_its_output_dir_inside_input_di
     out = inp / "refined"
     code, _, err = _run(capsys, tiny_ckpt, inp, out, "recursive=true")
     assert code == 0, err
-    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if not p.name.startswith("_"))
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json")
+                   if not p.relative_to(out).parts[0].startswith("_stage2_"))
     assert names == ["a.json", "e.json", "linked/c.json", "linked/deep/d.json", "sub/b.json"]
     assert json.loads((out / "e.json").read_text())["month"] == 12
     c = json.loads((out / "linked" / "c.json").read_text())

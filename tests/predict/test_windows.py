@@ -219,7 +219,8 @@ def test_a_windowed_tile_is_the_weighted_blend_of_its_windows_run_alone(windowed
     summary = _json(out / "_stage2_summary.json")
     assert (summary["found"], summary["processed"], summary["failed"]) == (4, 4, 0)   # a windowed tile counts once
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}.{s}" for n in tiles for s in ("npz", "json")] + ["_stage2_summary.json"])
+        [f"{n}.{s}" for n in tiles for s in ("npz", "json")] + ["_stage2_summary.json", "_stage2_tiles.txt",
+                                                                 "_stage2_stac"])
 
 
 def test_progress_advances_through_a_large_tile_by_windows(windowed_run):
@@ -227,7 +228,8 @@ def test_progress_advances_through_a_large_tile_by_windows(windowed_run):
     files = sorted(inp.glob("*.npz"))
     data = TileDataModule(files=files, input_dir=inp, batch_size=3, num_workers=0, pin_memory=False, patch_size=16,
                           nan_policy="fail", window={"size": SIZE, "overlap": OVERLAP, "above": ABOVE},
-                          input_scale=None, input_offset=0.0, clashes=(), unseen_conditioning="unknown")
+                          input_scale=None, input_offset=0.0, clashes=(), require_georeference=False,
+                          unseen_conditioning="unknown")
     assert data.tiles_on_rank(0, 1) == pytest.approx(4)
     assert sum(data.tiles_on_rank(r, 2) for r in range(2)) == pytest.approx(4)
     shown = [float(n) for n in re.findall(r"\| ([\d.]+)/4 \[", r.stdout)]
