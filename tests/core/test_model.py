@@ -128,7 +128,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
 
     batch, total = _five_tile_batch(), torch.get_num_threads()
     with torch.inference_mode():
-        ref = Stage2Module(tiny_model, compile=False, cpu_streams=1).predict_step(batch, 0)
+        ref = Stage2Module(tiny_model, compile=False, cpu_streams=1, tta="none").predict_step(batch, 0)
     calls, real = [], tiny_model.forward_padded
 
     def spy(x, month, biome):
@@ -137,7 +137,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
         return real(x, month, biome)
 
     monkeypatch.setattr(tiny_model, "forward_padded", spy)
-    module = Stage2Module(tiny_model, compile=False, cpu_streams=2)
+    module = Stage2Module(tiny_model, compile=False, cpu_streams=2, tta="none")
     with torch.inference_mode():
         got = module.predict_step(batch, 0)
     module.on_predict_end()
@@ -167,10 +167,10 @@ def test_cpu_streams_keep_the_callers_autocast(tiny_model):
 
     batch = _five_tile_batch()
     with torch.inference_mode():
-        fp32 = Stage2Module(tiny_model, compile=False, cpu_streams=1).predict_step(batch, 0)
+        fp32 = Stage2Module(tiny_model, compile=False, cpu_streams=1, tta="none").predict_step(batch, 0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            one = Stage2Module(tiny_model, compile=False, cpu_streams=1).predict_step(batch, 0)
-            two = Stage2Module(tiny_model, compile=False, cpu_streams=2).predict_step(batch, 0)
+            one = Stage2Module(tiny_model, compile=False, cpu_streams=1, tta="none").predict_step(batch, 0)
+            two = Stage2Module(tiny_model, compile=False, cpu_streams=2, tta="none").predict_step(batch, 0)
     for a, b, c in zip(one.outputs, two.outputs, fp32.outputs, strict=False):
         assert np.abs(a - b).max() <= 1e-6
         assert np.abs(a - c).max() > 1e-4       # bf16 really was used
@@ -183,7 +183,7 @@ def test_cpu_streams_need_larger_chunks_under_bf16(tiny_model):
 
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: always one forward")
-    module = Stage2Module(tiny_model, compile=False, cpu_streams=2)
+    module = Stage2Module(tiny_model, compile=False, cpu_streams=2, tta="none")
     x = collate([_tile(128, 128, s) for s in range(4)], 16).x
     assert module._n_streams(x) == 2
     with torch.autocast("cpu", dtype=torch.bfloat16):

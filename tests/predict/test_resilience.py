@@ -28,6 +28,7 @@ class OOMDouble(nn.Module):
         super().__init__()
         self.real, self.limit = real, limit
         self.config, self.patch_size = real.config, real.patch_size
+        self.conditioning = real.conditioning
         self.calls: list[int] = []
 
     def forward_padded(self, x, month, biome):
@@ -107,7 +108,8 @@ def test_sigkill_at_random_moments_then_rerun_completes(tmp_path, tiny_ckpt):
     assert s["skipped"] == done_before and s["processed"] == len(names) - done_before and s["failed"] == 0
     _valid_outputs(out, names, size)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}.npz" for n in names] + [f"{n}.json" for n in names] + ["_stage2_summary.json"])
+        [f"{n}.npz" for n in names] + [f"{n}.json" for n in names]
+        + ["_stage2_summary.json", "_stage2_tiles.txt", "_stage2_stac"])
 
 
 def test_stale_temporaries_are_removed_and_fast_rerun(tmp_path, cfg_predict, monkeypatch, capsys):
@@ -128,7 +130,8 @@ def test_stale_temporaries_are_removed_and_fast_rerun(tmp_path, cfg_predict, mon
     assert run(cfg_predict) == 0
     assert capsys.readouterr().out == f"nothing to do: 1 tiles already done in {out}\n"
     assert not list(out.glob(".*")), "stale temporaries must be removed"
-    assert sorted(p.name for p in out.iterdir()) == ["_stage2_summary.json", "a.json", "a.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["_stage2_stac", "_stage2_summary.json", "_stage2_tiles.txt",
+                                                    "a.json", "a.npz"]
 
 
 def test_nothing_to_do_path_imports_no_torch(tmp_path, tiny_ckpt):
@@ -156,7 +159,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, tiny_model, monkeypatch, 
         return call
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    module = Stage2Module(tiny_model, compile=True, cpu_streams=1)
+    module = Stage2Module(tiny_model, compile=True, cpu_streams=1, tta="none")
     module.setup("predict")
     arr = np.random.default_rng(0).random((4, 40, 40), dtype=np.float32)
     batch = collate([Tile("a", None, arr, {}, 6, 0)], 16)

@@ -140,6 +140,7 @@ def test_tiles_named_like_the_runs_own_files_fail_clearly(tmp_path, tiny_ckpt, c
     failures = [json.loads(x) for x in (out / "_stage2_failures.jsonl").read_text().splitlines()]
     assert sorted(os.path.basename(f["file"]) for f in failures) == ["_stage2_lock.npz", "_stage2_summary.npz"]
     assert all("run's own files" in f["reason"] and "rename" in f["hint"] for f in failures)
-    assert sorted(p.name for p in out.iterdir()) == ["_stage2_failures.jsonl", "_stage2_summary.json",
-                                                     "good.json", "good.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["_stage2_failures.jsonl", "_stage2_stac", "_stage2_summary.json",
+                                                     "_stage2_tiles.txt", "good.json", "good.npz"]
+    assert (out / "_stage2_tiles.txt").read_text() == "good\n"
     assert np.load(out / "good.npz")["opt_v2"].shape == (4, 32, 32)

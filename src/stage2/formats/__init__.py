@@ -52,9 +52,9 @@ def load_tile(path: Path, input_dir: Path, *, nan_policy: str, input_scale: floa
                                  f"({tiles.RESERVED_PREFIX}*)",
                                  f"rename the tile: no name may start with {tiles.RESERVED_PREFIX}")
     if name in clashes:
-        return tiles.TileFailure(name, path, f"another input in input_dir writes an output of the same name as "
-                                 f"{name!r} (a.npz beside a.tif, or a.std.npz beside a.npz, whose a.std.tif "
-                                 "is a's per-pixel spread)",
+        return tiles.TileFailure(name, path, f"another input in input_dir has the same name {name!r} (e.g. a.npz "
+                                 "beside a.tif, or a.std.npz beside a.npz: a.std.tif is a's per-pixel spread) "
+                                 "and would write the same output",
                                  "keep one format of this tile in input_dir, or rename one of them")
     try:
         tile = read_tile(path, input_dir, nan_policy=nan_policy, input_scale=input_scale, input_offset=input_offset)
