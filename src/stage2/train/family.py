@@ -216,7 +216,6 @@ class FamilyParams:
     kinds: dict[str, dict[str, Any]]
     exclude: tuple[str, ...] = ()
     only: tuple[str, ...] = ()
-    strength: tuple[float, float] = (1.0, 1.0)
     recipe: str = field(default="family", init=False)
 
     @classmethod
@@ -224,7 +223,7 @@ class FamilyParams:
         """From the `degrade` node (recipe: family); unknown or missing keys and kinds are an error."""
         v = OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
         v.pop("recipe", None)
-        known = {"clean_fraction", "kinds", "exclude", "only", "strength"}
+        known = {"clean_fraction", "kinds", "exclude", "only"}
         unknown, missing = set(v) - known, {"clean_fraction", "kinds"} - set(v)
         if unknown or missing:
             raise ValueError(f"degradation keys (recipe family): unknown {sorted(unknown)}, missing "
@@ -238,10 +237,7 @@ class FamilyParams:
             raise ValueError(f"degradation kinds: missing {sorted(set(KINDS) - set(kinds))} in `kinds`")
         if not 0 <= float(v["clean_fraction"]) <= 1:
             raise ValueError(f"clean_fraction must be in [0, 1], got {v['clean_fraction']}")
-        lo, hi = (float(x) for x in v.get("strength", (1.0, 1.0)))
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"strength must be a range [lo, hi] within [0, 1], got {[lo, hi]}")
-        p = cls(float(v["clean_fraction"]), kinds, _names(v.get("exclude")), _names(v.get("only")), (lo, hi))
+        p = cls(float(v["clean_fraction"]), kinds, _names(v.get("exclude")), _names(v.get("only")))
         if not p.active():
             raise ValueError(f"degradation: exclude {list(p.exclude)} and only {list(p.only)} leave no kind")
         return p
@@ -254,7 +250,7 @@ class FamilyParams:
                    clean_fraction: float | None = None) -> FamilyParams:
         """The same family with other `only` / `exclude` / clean share (leave-one-kind-out)."""
         cf = self.clean_fraction if clean_fraction is None else float(clean_fraction)
-        return FamilyParams(cf, self.kinds, tuple(exclude), tuple(only), self.strength)
+        return FamilyParams(cf, self.kinds, tuple(exclude), tuple(only))
 
 
 def _names(v: Any) -> tuple[str, ...]:
@@ -282,14 +278,10 @@ def draw_kinds(rng: np.random.Generator, params: FamilyParams) -> list[str]:
 
 
 def degrade_family(truth: np.ndarray, rng: np.random.Generator, params: FamilyParams) -> np.ndarray:
-    """A float32 (4, H, W) imitation of a Stage 1 output: this sample's kinds applied in order, then (with a
-    `strength` range other than [1, 1]) blended with the truth, truth + s (errors), s uniform in it; clipped."""
+    """A float32 (4, H, W) imitation of a Stage 1 output: this sample's kinds applied in order, clipped."""
     y = np.asarray(truth, dtype=np.float64)
     chosen = draw_kinds(rng, params)
     seeds = dict(zip(KINDS, rng.integers(0, 2 ** 63, len(KINDS)), strict=True))   # one stream per kind
     for name in chosen:
         y = KINDS[name](y, np.random.default_rng(int(seeds[name])), params.kinds[name])
-    if chosen and params.strength != (1.0, 1.0):     # drawn last: the kinds' draws stay the same
-        t = np.asarray(truth, dtype=np.float64)
-        y = t + rng.uniform(*params.strength) * (y - t)
     return np.clip(y, 0.0, 1.0).astype(np.float32)
