@@ -14,6 +14,9 @@ from helpers import compose_app, run_cli
 from stage2.catalog.app import main, run
 from stage2.handoff import COLLECTION_KEY, TERRATORCH_FILE, TILES_FILE, item_key
 
+# In-process runs of the Hydra app add console handlers bound to the test's captured stderr.
+pytestmark = pytest.mark.usefixtures("restore_root_logger")
+
 
 def _catalog(tmp_path: Path, capsys, **values) -> tuple[int, str, str]:
     code = run(compose_app("catalog", run_dir=tmp_path / "run", **values))
