@@ -193,7 +193,8 @@ def cog_tags(meta: dict[str, Any]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- writing
 def write_output(store: Store | str | os.PathLike, name: str, layers: dict[str, np.ndarray], meta: dict[str, Any], *,
-                 output_format: str, geo: GeoRef | None, cog_settings: Any) -> bool:
+                 output_format: str, geo: GeoRef | None, cog_settings: Any,
+                 stats: dict[str, dict[str, Any]] | None = None) -> bool:
     """Write one tile's output, each file whole, data first and `<name>.json` last; return whether it
     is georeferenced (a COG without `geo` is not; an NPZ-only output counts as it is).
 
@@ -202,6 +203,7 @@ def write_output(store: Store | str | os.PathLike, name: str, layers: dict[str, 
     leaves no JSON describing other data), and the data files written are removed again when a
     later file fails (a COG with a CRS GDAL does not know: TileError), so a failed tile leaves no
     output. The output folder itself is never created (a vanished folder stops the run).
+    `stats`: opt_v2's band_stats where they were measured already (on the model's device).
     """
     from .formats import cog
 
@@ -210,7 +212,8 @@ def write_output(store: Store | str | os.PathLike, name: str, layers: dict[str, 
     opt_v2 = arrays[OUTPUT_KEY]
     files = data_files(name, output_format, tuple(k for k in LAYERS if k in arrays))
     meta = {**meta, "schema_version": SCHEMA_VERSION, "shape": list(opt_v2.shape[1:]),
-            "files": [f.describe() for f in files], "band_stats": band_stats(opt_v2)}
+            "files": [f.describe() for f in files],
+            "band_stats": band_stats(opt_v2) if stats is None else stats}
     text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     js = json_key(name)
     store.delete(js)

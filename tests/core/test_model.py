@@ -11,6 +11,12 @@ from stage2.tiles import Tile
 SIZES = [(120, 120), (256, 256), (97, 133)]
 
 
+def _module(model, streams: int):
+    from stage2.predict.module import Stage2Module
+
+    return Stage2Module(model, compile=False, cpu_streams=streams, tta="none", quality=True, pixel_stats="host")
+
+
 def _tile(h, w, seed, month=6, biome=0):
     arr = np.random.default_rng(seed).random((4, h, w), dtype=np.float32)
     return Tile(name=f"t{seed}", path=None, array=arr, meta={}, month=month, biome=biome)
@@ -124,11 +130,10 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
     """cpu_streams=2: the batch runs as two chunks on two threads with half the threads each; same outputs."""
     import threading
 
-    from stage2.predict.module import Stage2Module
 
     batch, total = _five_tile_batch(), torch.get_num_threads()
     with torch.inference_mode():
-        ref = Stage2Module(tiny_model, compile=False, cpu_streams=1, tta="none").predict_step(batch, 0)
+        ref = _module(tiny_model, 1).predict_step(batch, 0)
     calls, real = [], tiny_model.forward_padded
 
     def spy(x, month, biome):
@@ -137,7 +142,7 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
         return real(x, month, biome)
 
     monkeypatch.setattr(tiny_model, "forward_padded", spy)
-    module = Stage2Module(tiny_model, compile=False, cpu_streams=2, tta="none")
+    module = _module(tiny_model, 2)
     with torch.inference_mode():
         got = module.predict_step(batch, 0)
     module.on_predict_end()
@@ -163,14 +168,13 @@ def test_cpu_streams_run_a_batch_as_concurrent_chunks_with_the_same_values(tiny_
 
 def test_cpu_streams_keep_the_callers_autocast(tiny_model):
     """Autocast is thread-local: chunks on worker threads must still run in the caller's bf16."""
-    from stage2.predict.module import Stage2Module
 
     batch = _five_tile_batch()
     with torch.inference_mode():
-        fp32 = Stage2Module(tiny_model, compile=False, cpu_streams=1, tta="none").predict_step(batch, 0)
+        fp32 = _module(tiny_model, 1).predict_step(batch, 0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            one = Stage2Module(tiny_model, compile=False, cpu_streams=1, tta="none").predict_step(batch, 0)
-            two = Stage2Module(tiny_model, compile=False, cpu_streams=2, tta="none").predict_step(batch, 0)
+            one = _module(tiny_model, 1).predict_step(batch, 0)
+            two = _module(tiny_model, 2).predict_step(batch, 0)
     for a, b, c in zip(one.outputs, two.outputs, fp32.outputs, strict=False):
         assert np.abs(a - b).max() <= 1e-6
         assert np.abs(a - c).max() > 1e-4       # bf16 really was used
@@ -179,11 +183,10 @@ def test_cpu_streams_keep_the_callers_autocast(tiny_model):
 def test_cpu_streams_need_larger_chunks_under_bf16(tiny_model):
     """Four 128 px tiles (4 x 64 tokens) split in two chunks in fp32, but run as one forward under bf16
     autocast, where a token costs half the time and the hand-off would eat the gain (benchmarks/README.md)."""
-    from stage2.predict.module import Stage2Module
 
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: always one forward")
-    module = Stage2Module(tiny_model, compile=False, cpu_streams=2, tta="none")
+    module = _module(tiny_model, 2)
     x = collate([_tile(128, 128, s) for s in range(4)], 16).x
     assert module._n_streams(x) == 2
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -159,7 +159,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, tiny_model, monkeypatch, 
         return call
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    module = Stage2Module(tiny_model, compile=True, cpu_streams=1, tta="none")
+    module = Stage2Module(tiny_model, compile=True, cpu_streams=1, tta="none", quality=True, pixel_stats="host")
     module.setup("predict")
     arr = np.random.default_rng(0).random((4, 40, 40), dtype=np.float32)
     batch = collate([Tile("a", None, arr, {}, 6, 0)], 16)

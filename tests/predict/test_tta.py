@@ -102,7 +102,7 @@ def _run(capsys, ckpt, inp, out, *overrides: str) -> tuple[int, str]:
 
 
 def _module(model, tta: str, streams: int = 1) -> Stage2Module:
-    return Stage2Module(model, compile=False, cpu_streams=streams, tta=tta)
+    return Stage2Module(model, compile=False, cpu_streams=streams, tta=tta, quality=True, pixel_stats="host")
 
 
 # ---------------------------------------------------------------------------- the passes

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -83,6 +84,27 @@ def test_a_tile_without_a_month_trains_the_unknown_month_and_dropout_draws_only_
     assert 0 < months.count(0) < 24
 
 
+def test_clean_twins_are_the_crop_before_them_without_its_errors_and_jitter_recolours_both_sides(tmp_path):
+    make_tile(tmp_path / "a.npz", 80, 80, seed=1, meta={"month": 4, "biome_code": 5})
+    sources = scan(tmp_path, simulated=True)
+    params = load_config("family").restricted(only=("translator",), clean_fraction=0)
+    plain = RandomCropPairs(sources, 32, 0, params)
+    twins = RandomCropPairs(sources, 32, 0, params, clean_every=3, month_dropout=0.5)
+    jittered = RandomCropPairs(sources, 32, 0, params, colour_jitter=0.2)
+    for i in range(9):
+        item = twins[i]
+        if i % 3 == 2:           # the clean twin of sample i - 1: same truth crop and conditions, no errors
+            before = twins[i - 1]
+            assert bool(item["clean"]) and torch.equal(item["opt_v1"], item["target"])
+            assert torch.equal(item["target"], before["target"]) and item["month"] == before["month"]
+        else:
+            assert not item["clean"] and torch.equal(item["opt_v1"], plain[i]["opt_v1"])
+        a, b = plain[i]["target"], jittered[i]["target"]
+        assert not torch.equal(a, b) and float(b.min()) >= 0 and float(b.max()) <= 1
+    with pytest.raises(ValueError, match="clean_every must be 0"):
+        RandomCropPairs(sources, 32, 0, params, clean_every=1)
+
+
 def test_the_spread_figures_pool_pixels_and_count_tiles_made_worse():
     truth = np.zeros((4, 10, 10))
     records = [
@@ -109,8 +131,16 @@ def test_the_clean_penalty_counts_only_clean_samples(cfg_train):
                                 optim=OmegaConf.to_container(cfg_train.optim), pretrained_path=None)
     v1 = torch.zeros(4, 4, 8, 8)
     out = v1 + torch.tensor([0.1, 0.2, 0.3, 0.4]).view(4, 1, 1, 1)
-    penalty = module.clean_penalty(out, v1, torch.tensor([True, False, False, True]))
-    assert penalty.item() == pytest.approx((0.1 + 0.4) / 4)
+    clean = torch.tensor([True, False, False, True])
+    assert module.clean_penalty(out, v1, clean).item() == pytest.approx((0.1 + 0.4) / 4)
+    module.loss_cfg["clean_scale"] = 0.2           # quadratic: c^2 / scale
+    assert module.clean_penalty(out, v1, clean).item() == pytest.approx((0.01 + 0.16) / 0.2 / 4)
+    # the weight rises linearly over the first clean_warmup share of the steps
+    module.loss_cfg["clean_warmup"] = 0.5
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100, global_step=25)
+    assert module.clean_weight_now() == pytest.approx(1.0)
+    module._trainer.global_step = 80
+    assert module.clean_weight_now() == pytest.approx(2.0)
 
 
 def test_training_records_its_conditions_and_reports_the_spread(tmp_path, cfg_train, capsys):

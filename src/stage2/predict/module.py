@@ -24,6 +24,7 @@ from torch import nn
 from ..model import pad_to_multiple
 from .confidence import TTA_PASSES
 from .data import Batch
+from .pixelstats import TileStats, batch_stats, on_device
 
 log = logging.getLogger("stage2")
 
@@ -36,6 +37,7 @@ class Prediction:
     outputs: list[np.ndarray] = field(default_factory=list)    # float32 (4, H, W) per good tile, then per window
     stds: list[np.ndarray] = field(default_factory=list)       # ... their std across TTA passes (tta != none)
     cpu_fallback: list[bool] = field(default_factory=list)
+    stats: list[TileStats] = field(default_factory=list)      # per whole tile, where measured on the device
     model_s: float = 0.0                                         # model time of this batch
     device: str = "cpu"
 
@@ -146,9 +148,15 @@ class Moments:
 class Stage2Module(L.LightningModule):
     """Wraps Stage2Refiner for `trainer.predict`; the writer callback does all file output."""
 
-    def __init__(self, model: nn.Module, *, compile: bool, cpu_streams: int, tta: str) -> None:
+    def __init__(self, model: nn.Module, *, compile: bool, cpu_streams: int, tta: str, quality: bool,
+                 pixel_stats: str) -> None:
+        """`quality` and `pixel_stats` (auto | device | host): whether and where the per-pixel statistics
+        of whole tiles are computed (stage2.predict.pixelstats); the writer computes what is not."""
         super().__init__()
         self.model = model
+        self.quality = bool(quality)
+        on_device(pixel_stats, torch.device("cpu"))          # checks the setting now, not at the first batch
+        self.pixel_stats = pixel_stats
         self.compile = compile
         self.cpu_streams = max(1, int(cpu_streams))
         self.passes = tta_passes(tta)
@@ -327,13 +335,20 @@ class Stage2Module(L.LightningModule):
         if batch.x is None:
             return pred
         start = time.perf_counter()
+        std = None
         if self.passes:
-            mean, std, pred.cpu_fallback = self._run_tta(batch.x, batch.month, batch.biome, batch.sizes, batch.names)
-            out, spread = mean.cpu().numpy(), std.cpu().numpy()
-            pred.stds = [spread[i, :, :h, :w] for i, (h, w) in enumerate(batch.sizes)]
+            out, std, pred.cpu_fallback = self._run_tta(batch.x, batch.month, batch.biome, batch.sizes, batch.names)
         else:
             out, pred.cpu_fallback = self._run(batch.x, batch.month, batch.biome, batch.names)
-            out = out.float().cpu().numpy()       # the copy synchronises, so model_s is real time
+            out = out.float()
+        n = len(batch.tiles)
+        if n and on_device(self.pixel_stats, out.device):
+            pred.stats = batch_stats(batch.tiles, batch.x[:n], out[:n], None if std is None else std[:n],
+                                     quality=self.quality)
+        out = out.cpu().numpy()       # the copy synchronises, so model_s is real time
+        if std is not None:
+            spread = std.cpu().numpy()
+            pred.stds = [spread[i, :, :h, :w] for i, (h, w) in enumerate(batch.sizes)]
         pred.model_s = time.perf_counter() - start
         pred.outputs = [out[i, :, :h, :w] for i, (h, w) in enumerate(batch.sizes)]
         return pred

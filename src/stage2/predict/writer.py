@@ -42,6 +42,7 @@ from ..store import Store
 from ..tiles import BANDS, Tile, TileError
 from .confidence import TTA_MODES, ChangeSum, confidence
 from .module import Prediction
+from .pixelstats import TileStats
 from .summary import FIRST_FAILURES, TileRecord
 from .windows import Assembler, whole_tile
 
@@ -61,6 +62,7 @@ class Output:
     quality: dict[str, float | None] | None = None
     std: np.ndarray | None = None       # opt_v2_std (tta != none)
     change: ChangeSum | None = None     # an assembled tile's |opt_v2 - opt_v1|
+    stats: TileStats | None = None      # a whole tile's statistics, measured on the device
 
 
 class TileWriter(BasePredictionWriter):
@@ -160,9 +162,10 @@ class TileWriter(BasePredictionWriter):
         """The batch's whole tiles, and the windowed tiles whose last window this batch brought."""
         n, share = len(pred.batch.tiles), pred.model_s / max(len(pred.outputs), 1)
         stds = pred.stds or [None] * len(pred.outputs)
-        done = [Output(t, y, fb, share, whole_tile(y.shape), std=sd)
-                for t, y, fb, sd in zip(pred.batch.tiles, pred.outputs[:n], pred.cpu_fallback[:n], stds[:n],
-                                        strict=True)]
+        stats = pred.stats or [None] * n
+        done = [Output(t, y, fb, share, whole_tile(y.shape), std=sd, stats=st)
+                for t, y, fb, sd, st in zip(pred.batch.tiles, pred.outputs[:n], pred.cpu_fallback[:n], stds[:n],
+                                            stats, strict=True)]
         for asm in self.assembler.add(pred.batch.windows, pred.outputs[n:], share, pred.cpu_fallback[n:],
                                       pred.stds[n:]):
             opt_v2, q = asm.result()
@@ -175,7 +178,7 @@ class TileWriter(BasePredictionWriter):
         for o in outputs:
             tile = o.tile
             try:
-                q = o.quality if o.assembled else self._quality(tile, o.opt_v2)
+                q = o.quality if o.assembled else self._quality(tile, o)
                 conf = self._confidence(tile, o)
                 if tile.nodata is not None and not o.assembled:
                     o.opt_v2[:, tile.nodata] = np.nan      # no data in, no data out (SPEC 9)
@@ -198,7 +201,8 @@ class TileWriter(BasePredictionWriter):
                                        quality=q, timestamp=stamp, confidence=conf)
                 layers = {OUTPUT_KEY: o.opt_v2} if o.std is None else {OUTPUT_KEY: o.opt_v2, STD_KEY: o.std}
                 georeferenced = write_output(self.store, tile.name, layers, meta, geo=tile.geo,
-                                             output_format=self.output_format, cog_settings=self.cog)
+                                             output_format=self.output_format, cog_settings=self.cog,
+                                             stats=None if o.stats is None else o.stats.band_stats)
             except TileError as e:       # the COG cannot carry this tile's georeferencing
                 self._record_failure(tile.path, e.reason, e.hint)
                 continue
@@ -219,6 +223,8 @@ class TileWriter(BasePredictionWriter):
     @staticmethod
     def _confidence(tile: Tile, o: Output) -> dict[str, Any]:
         """The tile's `confidence` over its valid pixels (before no-data NaN goes into a whole tile's layers)."""
+        if o.stats is not None:
+            return {**(o.stats.std_stats or {}), "mean_abs_change": o.stats.mean_abs_change}
         valid = None if tile.nodata is None else ~tile.nodata
         change = o.change
         if change is None:
@@ -226,13 +232,15 @@ class TileWriter(BasePredictionWriter):
             change.add(tile.array, o.opt_v2, valid)
         return confidence(change, o.std, valid)
 
-    def _quality(self, tile: Tile, opt_v2: np.ndarray) -> dict[str, float | None] | None:
+    def _quality(self, tile: Tile, o: Output) -> dict[str, float | None] | None:
         """Quality of the valid pixels (masked ones are filled values, not data)."""
         if not self.quality:
             return None
+        if o.stats is not None and o.stats.quality is not None:
+            return o.stats.quality
         from ..quality import tile_quality
 
-        return tile_quality(tile.array, opt_v2, valid=None if tile.nodata is None else ~tile.nodata)
+        return tile_quality(tile.array, o.opt_v2, valid=None if tile.nodata is None else ~tile.nodata)
 
     # ------------------------------------------------------------------ figures
     def steady_tiles_per_s(self) -> float:

@@ -45,8 +45,8 @@ class RefinerTrainModule(L.LightningModule):
                  pretrained_path: str | None, conditioning: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
-        # l1_weight, ndvi_weight, ndvi_floor, clean_weight, clean_scale (conf/train.yaml)
-        self.loss_cfg = {"clean_weight": 0.0, "clean_scale": 0.0, **loss}
+        # l1_weight, ndvi_weight, ndvi_floor, clean_weight, clean_scale, clean_warmup (conf/train.yaml)
+        self.loss_cfg = {"clean_weight": 0.0, "clean_scale": 0.0, "clean_warmup": 0.0, **loss}
         self.optim_cfg = dict(optim)    # lr, weight_decay, warmup_steps, min_lr_ratio
         # The months and biomes trained on (stage2.checkpoint.conditioning_record): in every .ckpt and .pt.
         model.conditioning = None if conditioning is None else dict(conditioning)
@@ -99,11 +99,24 @@ class RefinerTrainModule(L.LightningModule):
         per_pixel = c * c / scale if scale > 0 else c.abs()
         return (per_pixel.mean(dim=(1, 2, 3)) * clean.float()).mean()
 
+    def clean_weight_now(self) -> float:
+        """`loss.clean_weight`, reached linearly over the first `loss.clean_warmup` share of the training steps.
+
+        Why a warm-up: at full weight from the start the refiner never learns a correction worth keeping
+        (the penalty wins before it can tell clean from degraded); first it learns the corrections, then
+        where not to make them.
+        """
+        weight, warmup = float(self.loss_cfg["clean_weight"]), float(self.loss_cfg["clean_warmup"])
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if warmup <= 0 or not math.isfinite(total) or total <= 0:
+            return weight
+        return weight * min(1.0, self.global_step / (warmup * total))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model(batch["opt_v1"], batch["month"], batch["biome"])
         loss, l1, nd = self.compute_loss(out, batch["target"])
         penalty = self.clean_penalty(out, batch["opt_v1"], batch.get("clean"))
-        loss = loss + self.loss_cfg["clean_weight"] * penalty
+        loss = loss + self.clean_weight_now() * penalty
         n = batch["opt_v1"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=n)
         self.log_dict({"train_l1": l1, "train_ndvi_l1": nd, "train_clean_change": penalty}, batch_size=n)
