@@ -190,6 +190,25 @@ def metric_costs(tiles: Path, rounds: int, distinct: int = 32) -> list[dict]:
     return rows
 
 
+def collation_costs(tiles: Path, rounds: int, batch: int) -> dict[str, float]:
+    """ms per tile to collate a batch of `batch` real tiles: torch.cat of tiles padded by torch, against
+    stage2's NumPy stack_padded (the same values), alternated batch by batch; wall time (torch.cat uses
+    torch's threads, which a thread CPU clock would not see), median of `rounds`."""
+    from stage2.model import pad_to_multiple
+    from stage2.predict.data import stack_padded
+
+    arrays = [np.load(f)["opt_v1"] for f in sorted(tiles.glob("*.npz"))[:batch]]
+    spent: dict[str, list[float]] = {"torch.cat": [], "stack_padded": []}
+    for _ in range(rounds):
+        t = time.perf_counter()
+        torch.cat([pad_to_multiple(torch.from_numpy(a)[None], 16) for a in arrays])
+        spent["torch.cat"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.from_numpy(stack_padded(arrays, 16))
+        spent["stack_padded"].append(time.perf_counter() - t)
+    return {k: 1e3 * float(np.median(v)) / len(arrays) for k, v in spent.items()}
+
+
 def print_costs(size: int, rows: list[dict]) -> None:
     print(f"  {size} px, ms per tile (best of rounds, thread CPU time)   reference   CPU form   ratio")
     for r in rows:
@@ -234,6 +253,11 @@ def main() -> None:
             rows = metric_costs(tiles, args.metric_rounds)
             print_costs(size, rows)
             results["metric_costs"].append({"size": size, "rows": rows})
+            coll = collation_costs(tiles, max(args.metric_rounds, 5), args.batch_size)
+            print(f"    collation, ms per tile of a batch of {args.batch_size} (median, wall)   torch.cat "
+                  f"{coll['torch.cat']:.3f}   stack_padded {coll['stack_padded']:.3f}   "
+                  f"{coll['torch.cat'] / coll['stack_padded']:.2f}x")
+            results["collation"] = results.get("collation", []) + [{"size": size, **coll}]
         for w in args.workers:
             for t in args.writer_threads:
                 runs: dict[str, list[tuple[float, float, float | None, float | None]]] = {m: [] for m in args.quality}

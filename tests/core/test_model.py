@@ -234,3 +234,17 @@ def test_keep_freed_memory_is_safe_to_call_and_works_on_glibc(monkeypatch):
     assert runtime.keep_freed_memory() is False
     monkeypatch.setattr(runtime.sys, "platform", "darwin")
     assert runtime.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (45, 70), (16, 17), (33, 200)])
+def test_the_collated_batch_pads_each_tile_as_the_model_pads_it(shape):
+    from stage2.model import pad_to_multiple
+    from stage2.predict.data import stack_padded
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.random((4, *shape), dtype=np.float32) for _ in range(3)]
+    got = stack_padded(arrays, 16)
+    want = torch.cat([pad_to_multiple(torch.from_numpy(a)[None], 16) for a in arrays]).numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    with pytest.raises(RuntimeError, match="mixed padded sizes"):
+        stack_padded([arrays[0], rng.random((4, shape[0] + 16, shape[1]), dtype=np.float32)], 16)

@@ -176,6 +176,23 @@ def test_freeze_encoder_keeps_it_fixed_for_the_first_epochs(tmp_path, cfg_train)
     assert all(p.requires_grad for p in module.model.encoder.parameters())
 
 
+def test_with_ema_decay_the_exported_refiner_is_the_average_of_the_steps(tmp_path, cfg_train):
+    """ema_decay > 0: the .pt holds the exponential moving average of the weights, not the last step's."""
+    from stage2.train.app import run as train
+
+    for i in range(2):
+        make_tile(tmp_path / "opt" / f"t{i}.npz", 48, 48, seed=i)
+    cfg_train.optical_dir, cfg_train.data.val_fraction, cfg_train.ema_decay = str(tmp_path / "opt"), 0.0, 0.5
+    assert train(cfg_train) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    exported = stage2.load_model(tmp_path / "run" / "stage2_refiner.pt").state_dict()
+    key = "refine.2.weight"
+    assert torch.equal(exported[key], ckpt["state_dict"]["model." + key])
+    assert not torch.equal(exported[key], ckpt["current_model_state"]["model." + key])
+    cfg_train.ema_decay = 1.0
+    assert train(cfg_train) == 2
+
+
 # ----------------------------------------------------------------------------- the CLI, end to end
 def test_training_writes_checkpoints_that_load_and_predict(tmp_path, cfg_train, tiny_ckpt, capsys):
     """stage2.train's app over the composed conf/train.yaml, in this process; then predict reads its checkpoint."""

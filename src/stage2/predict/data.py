@@ -2,8 +2,8 @@
 
 A ViT attends over every token of its input, so padding a 120 px tile to 256 px to share a batch
 would change its output. The batch sampler therefore groups tiles by their *padded* size (the
-next multiple of the patch size); within a batch each tile is reflect-padded to that size with
-the model's own `pad_to_multiple` and cropped back after the forward pass. A tile's result is
+next multiple of the patch size); within a batch each tile is reflect-padded to that size as
+the model's own `pad_to_multiple` pads it, and cropped back after the forward pass. A tile's result is
 thus independent of its neighbours, of the batch size and of the worker count.
 
 A tile above `window.above` enters the sampler as its windows (stage2.predict.windows): items of
@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..conditioning import Conditioner
 from ..formats import file_name, load_remote_tile, load_tile, peek_shape
-from ..model import pad_to_multiple, padded_size
+from ..model import padded_size
 from ..store import is_url, relative_key
 from ..tiles import MIN_SIDE, N_BANDS, Tile, TileFailure
 from .windows import Grid, Window, WindowRef, WindowSettings, WindowSource, grid_for
@@ -64,7 +65,7 @@ class Batch:
         self.windows = windows
         if not windows:
             return
-        x = torch.cat([pad_to_multiple(torch.from_numpy(w.array).unsqueeze(0), multiple) for w in windows])
+        x = torch.from_numpy(stack_padded([w.array for w in windows], multiple))
         month, biome = _ints([w.tile.month for w in windows]), _ints([w.tile.biome for w in windows])
         parts = [(self.x, x), (self.month, month), (self.biome, biome)]
         self.x, self.month, self.biome = (b if a is None else torch.cat((a, b)) for a, b in parts)
@@ -244,14 +245,33 @@ def collate(items: list[Tile | TileFailure | WindowRef], multiple: int) -> Batch
     batch = Batch(tiles=tiles, failures=failures, refs=refs,
                   progress=len(tiles) + len(failures) + sum(1 / r.of for r in refs))
     if tiles:
-        padded = [pad_to_multiple(torch.from_numpy(t.array).unsqueeze(0), multiple) for t in tiles]
-        if len({p.shape for p in padded}) != 1:  # the sampler guarantees one size; guard anyway
-            raise RuntimeError(f"mixed padded sizes in one batch: {[p.shape for p in padded]}")
-        batch.x = torch.cat(padded)
+        batch.x = torch.from_numpy(stack_padded([t.array for t in tiles], multiple))
         batch.month = _ints([t.month for t in tiles])
         batch.biome = _ints([t.biome for t in tiles])
         batch.sizes = [tuple(t.array.shape[1:]) for t in tiles]
     return batch
+
+
+def stack_padded(arrays: list[np.ndarray], multiple: int) -> np.ndarray:
+    """(B, C, Hp, Wp) float32: each (C, H, W) array reflect-padded at the bottom and right to the next
+    multiple of `multiple` (the values of stage2.model.pad_to_multiple), in one new array.
+
+    Why NumPy and not torch.cat of padded tensors: the same 16 MiB batch of 256 px tiles took 1.3-1.8 ms
+    with np.stack against 1.7-15 ms for torch.cat on one thread and a median of 124 ms on two threads
+    while another process used the cores (its parallel copy waits for a descheduled thread).
+    """
+    shapes = {padded_size(a.shape[1], a.shape[2], multiple) for a in arrays}
+    if len(shapes) != 1:         # the sampler guarantees one size; guard anyway
+        raise RuntimeError(f"mixed padded sizes in one batch: {sorted(shapes)}")
+    (hp, wp), c = shapes.pop(), arrays[0].shape[0]
+    out = np.empty((len(arrays), c, hp, wp), dtype=np.float32)
+    for dst, a in zip(out, arrays, strict=True):
+        h, w = a.shape[1:]
+        if (h, w) == (hp, wp):
+            dst[...] = a
+        else:
+            dst[...] = np.pad(a, ((0, 0), (0, hp - h), (0, wp - w)), mode="reflect")
+    return out
 
 
 class _Collate:

@@ -83,7 +83,8 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_val: bool) -> list[L.Callback]:
-    """Checkpointing (best by val_loss, or the last weights without validation), early stop, encoder freeze."""
+    """Checkpointing (best by val_loss, or the last weights without validation), early stop, encoder freeze,
+    weight averaging."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from .module import FreezeEncoder
@@ -100,6 +101,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_val: bool) -> list[L.Cal
                                        min_delta=float(cfg.early_stopping.min_delta)))
     if int(cfg.freeze_encoder_epochs) > 0:
         callbacks.append(FreezeEncoder(int(cfg.freeze_encoder_epochs)))
+    if float(cfg.ema_decay) > 0:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        if not float(cfg.ema_decay) < 1:
+            raise RunError(f"ema_decay={cfg.ema_decay}: use 0 (off) or a decay below 1, e.g. 0.99")
+        # validation, checkpoints and the exported .pt all hold the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=float(cfg.ema_decay)))
     if not has_val:
         log.warning("no validation tiles (data.val_fraction=0 or a single tile): the last weights are kept")
     return callbacks
