@@ -94,7 +94,7 @@ def test_help_lists_exactly_the_groups_the_command_uses(command):
 def test_each_command_lists_its_own_groups_not_another_commands():
     """What the page said before: every group in conf/ for every command."""
     assert set(used_groups("predict")) == {"hardware", "trainer"}
-    assert set(used_groups("train")) == {"hardware", "model", "trainer", "degradation@degrade"}
+    assert set(used_groups("train")) == {"hardware", "model", "trainer", "degradation@degrade", "recipe"}
     assert set(used_groups("degrade")) == {"degradation@degrade"}
     assert used_groups("report") == used_groups("evaluate") == {}
     assert used_groups("predict")["hardware"] == (["cpu", "highvr", "lowvr"], "lowvr")
