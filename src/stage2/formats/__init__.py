@@ -143,7 +143,7 @@ def input_keys(keys: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
         by_name.setdefault(key.rsplit(".", 1)[0], []).append(key)
     clashes = {name: ks for name, ks in by_name.items() if len(ks) > 1}
     for name, ks in by_name.items():
-        if name.endswith(".std") and name[:-len(".std")] in by_name:
-            clashes[name] = ks
-            clashes[name[:-len(".std")]] = by_name[name[:-len(".std")]]
+        base = name.removesuffix(".std")
+        if base != name and base in by_name:
+            clashes[name], clashes[base] = ks, by_name[base]
     return inputs, clashes

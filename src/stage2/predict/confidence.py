@@ -65,14 +65,21 @@ def std_stats(std: np.ndarray, valid: np.ndarray | None = None) -> dict[str, dic
     n = flat.shape[1]
     if n == 0:
         return {band: {"std_mean": None, "std_p95": None} for band in BANDS}
-    pos = (n - 1) * STD_PERCENTILE / 100
-    lo = math.floor(pos)
+    lo, frac = percentile_rank(n)
     above = np.partition(flat, lo, axis=1)[:, lo:]
     low = above[:, 0].astype(np.float64)
     high = above[:, 1:].min(axis=1).astype(np.float64) if above.shape[1] > 1 else low
-    p95 = low + (pos - lo) * (high - low)
+    p95 = low + frac * (high - low)
     means = np.add.reduce(flat, axis=1, dtype=np.float64) / n
     return {band: {"std_mean": float(means[i]), "std_p95": float(p95[i])} for i, band in enumerate(BANDS)}
+
+
+def percentile_rank(n: int) -> tuple[int, float]:
+    """(lo, frac): numpy.percentile's linear STD_PERCENTILE of n sorted values lies `frac` of the way from
+    value `lo` to the next."""
+    pos = (n - 1) * STD_PERCENTILE / 100
+    lo = math.floor(pos)
+    return lo, pos - lo
 
 
 def confidence(change: ChangeSum, std: np.ndarray | None, valid: np.ndarray | None) -> dict[str, Any]:

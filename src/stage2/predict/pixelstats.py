@@ -12,7 +12,6 @@ Windowed tiles are measured strip by strip as they are blended (stage2.predict.w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from ..quality import batch_band_stats_torch, batch_change_torch, batch_quality_torch
 from ..tiles import BANDS, Tile
-from .confidence import STD_PERCENTILE
+from .confidence import percentile_rank
 
 PIXEL_STATS = ("auto", "device", "host")
 
@@ -83,13 +82,11 @@ def std_stats_torch(std: torch.Tensor, valid: torch.Tensor) -> list[dict[str, di
         if flat.shape[1] == 0:
             out.append({band: {"std_mean": None, "std_p95": None} for band in BANDS})
             continue
-        n = flat.shape[1]
-        pos = (n - 1) * STD_PERCENTILE / 100
-        lo = math.floor(pos)
+        lo, frac = percentile_rank(flat.shape[1])
         ranked = flat.sort(dim=1).values[:, lo:lo + 2].double()
         high = ranked[:, 1] if ranked.shape[1] > 1 else ranked[:, 0]
-        p95 = ranked[:, 0] + (pos - lo) * (high - ranked[:, 0])
-        means = flat.sum(dim=1, dtype=torch.float64) / n
+        p95 = ranked[:, 0] + frac * (high - ranked[:, 0])
+        means = flat.sum(dim=1, dtype=torch.float64) / flat.shape[1]
         rows = torch.stack([means, p95], dim=1).cpu().tolist()
         out.append({band: {"std_mean": m, "std_p95": p} for band, (m, p) in zip(BANDS, rows, strict=True)})
     return out

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,7 @@ class TileCache:
         self.used = 0
         self.items: dict[Path, Any] = {}
 
-    def get(self, path: Path, read: Any) -> Any:
+    def get(self, path: Path, read: Callable[[Path], Any]) -> Any:
         item = self.items.get(path)
         if item is not None:
             return item
@@ -255,6 +255,8 @@ class RandomCropPairs(Dataset):
             raise ValueError(f"data.clean_every must be 0 (off) or at least 2, got {clean_every}")
         self.clean_every = int(clean_every)
         self.cache = TileCache(cache_mb)
+        # the last sample made: a clean twin follows its sample, so it is read from here, not made again
+        self._last: tuple[int, dict[str, Any]] | None = None
 
     def source_at(self, index: int) -> PairSource:
         """The tile sample `index` is cut from (the first draw of its Generator, as __getitem__ does)."""
@@ -272,9 +274,11 @@ class RandomCropPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         twin = self.twin_of(int(index))
         if twin is None:
-            return self._sample(int(index))
+            item = self._sample(int(index))
+            self._last = (int(index), item)
+            return item
         # the same crop, augmentation and conditions as the sample before it, without its errors
-        item = self._sample(twin)
+        item = self._last[1] if self._last is not None and self._last[0] == twin else self._sample(twin)
         return {**item, "opt_v1": item["target"], "clean": torch.tensor(True)}
 
     def _sample(self, index: int) -> dict[str, Any]:
